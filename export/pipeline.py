@@ -1,0 +1,218 @@
+"""`stepscore export MODEL OUT`: load -> build graph -> check fusions -> validate -> bundle.
+
+The bundle is written into a temporary sibling directory and moved into place only after validation
+passed, so OUT never holds a half-written or unvalidated bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepscore.errors import ExportError
+from stepscore.export.families import MAX_ROW_TOKENS, ExportOptions, ModelPlan, plan_export, rope_cache
+from stepscore.export.graph import DecoderSpec, build_graph, fused_op_counts
+from stepscore.export.reference import Reference
+from stepscore.export.samples import SAMPLE_CHAINS
+from stepscore.export.tokenizer import load_tokenizer
+from stepscore.export.validate import require_pass, validate_graph
+from stepscore.export.weights import WeightStore
+from stepscore.runtime.bundle import (
+    GraphSpec,
+    Manifest,
+    ModelSpec,
+    Precision,
+    hash_files,
+    write_manifest,
+)
+from stepscore.runtime.formatting import Formatter
+from stepscore.runtime.types import ScoreRequest
+
+Progress = Callable[[str], None]
+
+# Ops a decoder layer must have been built from; the structure check counts them per layer.
+FUSED_PER_LAYER = ("MultiHeadAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: Manifest
+    seconds: float
+    peak_rss_mb: float
+
+
+def resolve_model(model: str) -> Path:
+    """A local folder, or a Hugging Face hub id downloaded once (needs network)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ExportError(f"{model} is a file; pass the model's folder")
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise ExportError(f"{model}: no such folder (and not a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                model,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "pytorch_model*.bin"],
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - network, auth and name errors all mean "cannot fetch"
+        raise ExportError(f"{model}: not a local folder and could not be downloaded from the hub ({exc})") from exc
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sha256_text(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_model(
+    model: str,
+    out: Path,
+    options: ExportOptions = ExportOptions(),
+    precision: Precision = "fp16",
+    tokenizer: Path | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = print,
+) -> ExportResult:
+    if precision not in ("fp16", "fp32"):
+        raise ExportError(f"--precision {precision!r} is not fp16 or fp32")
+    out = out.expanduser()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
+    start = time.perf_counter()
+
+    def stage(n: int, name: str, since: float) -> float:
+        now = time.perf_counter()
+        progress(f"[{n}/4] {name:<9} {now - since:6.1f}s   peak memory {_peak_rss_mb():,.0f} MB")
+        return now
+
+    # 1. load: read config, tokenizer, weights index; decide everything
+    model_dir = resolve_model(model)
+    tok = load_tokenizer(model_dir, tokenizer)
+    weights = WeightStore(model_dir)
+    plan = plan_export(model_dir, tok, weights, options)
+    progress(
+        f"        {plan.architecture} ({plan.model_type}, {plan.decoder.num_layers} layers, hidden "
+        f"{plan.decoder.hidden_size}) -> preset {plan.preset}, family {plan.family}, {precision}"
+    )
+    t = stage(1, "load", start)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        # 2. export: the graph, written straight from the checkpoint
+        shutil.copyfile(tok.json_path, work / "tokenizer.json")
+        cos, sin = rope_cache(model_dir, max(plan.max_seq_len, MAX_ROW_TOKENS))
+        prefix = plan.body_prefix
+        graph_path, data_path, n_params = build_graph(
+            plan.decoder, lambda name: weights.get(prefix + name), (cos, sin), plan.head_weights,
+            precision, work, external_data=external_data,
+        )
+        t = stage(2, "export", t)
+
+        # 3. structure: the fused ops are there, once per layer
+        ops = fused_op_counts(graph_path)
+        layers = plan.decoder.num_layers
+        # per layer: one attention, rotary on q and k, skip-norms after attention and before the next layer
+        want = {"MultiHeadAttention": layers, "RotaryEmbedding": 2 * layers,
+                "SkipSimplifiedLayerNormalization": 2 * layers - 1}
+        for op, expected in want.items():
+            if ops.get(op, 0) < expected:
+                raise ExportError(f"graph has {ops.get(op, 0)} {op} nodes, expected {expected}")
+        progress("        " + ", ".join(f"{ops.get(op, 0)} {op}" for op in (*FUSED_PER_LAYER, "QuickGelu")))
+        t = stage(3, "structure", t)
+
+        # 4. validate against the PyTorch reference, through the runtime's formatter and packer
+        formatter = Formatter(plan.format, work / "tokenizer.json", plan.decoder.vocab_size, plan.max_seq_len)
+        items = [
+            item
+            for problem, candidates in SAMPLE_CHAINS
+            for item in formatter.format_request(ScoreRequest(problem, candidates, truncate_left=True))
+        ]
+        reference = Reference(model_dir, plan.head_weights)
+        want = reference.scores(items)
+        reference_name = reference.description
+        reference.close()
+        del reference
+        report = validate_graph(graph_path, items, want, precision, plan.head.score, reference_name)
+        progress(
+            f"        max |graph - reference| = {report.max_abs_diff:.2e} (alone {report.max_abs_diff_alone:.2e}, "
+            f"packed {report.max_abs_diff_packed:.2e}) over {report.num_steps} steps; tolerance {report.tolerance:g}"
+        )
+        require_pass(report)
+        t = stage(4, "validate", t)
+
+        files = ["tokenizer.json", graph_path.name] + ([data_path.name] if data_path else [])
+        manifest = _manifest(model, model_dir, plan, precision, graph_path, data_path, n_params, ops,
+                             report.as_dict(), hash_files(work, files))
+        write_manifest(work, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()
+    progress(f"wrote {out} in {seconds:.1f}s, peak memory {peak:,.0f} MB")
+    return ExportResult(out, manifest, seconds, peak)
+
+
+def _manifest(
+    model: str,
+    model_dir: Path,
+    plan: ModelPlan,
+    precision: Precision,
+    graph_path: Path,
+    data_path: Path | None,
+    n_params: int,
+    ops: dict[str, int],
+    validation: dict[str, object],
+    files: dict[str, object],
+) -> Manifest:
+    d: DecoderSpec = plan.decoder
+    from stepscore.export.graph import OPSET
+
+    return Manifest(
+        family=plan.family,
+        preset=plan.preset,
+        source={
+            "model": model,
+            "architecture": plan.architecture,
+            "model_type": plan.model_type,
+            "config_sha256": _sha256_text(model_dir / "config.json"),
+        },
+        model=ModelSpec(
+            architecture=plan.architecture, model_type=plan.model_type, vocab_size=d.vocab_size,
+            hidden_size=d.hidden_size, num_layers=d.num_layers, num_heads=d.num_heads,
+            num_kv_heads=d.num_kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate_size,
+            max_position_embeddings=d.max_position_embeddings, max_seq_len=plan.max_seq_len,
+            max_row_tokens=max(plan.max_seq_len, MAX_ROW_TOKENS),
+            num_parameters=n_params,
+        ),
+        head=plan.head,
+        format=plan.format,
+        graph=GraphSpec(
+            file=graph_path.name, data_file=data_path.name if data_path else None, precision=precision,
+            opset=OPSET, fused_ops={k: v for k, v in sorted(ops.items()) if k in (*FUSED_PER_LAYER, "QuickGelu",
+                                                                                   "SimplifiedLayerNormalization")},
+        ),
+        tokenizer_file="tokenizer.json",
+        validation=validation,
+        files=files,  # type: ignore[arg-type]
+    )

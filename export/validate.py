@@ -1,0 +1,102 @@
+"""The export gate: the graph must reproduce the PyTorch reference on sample step chains.
+
+It runs the graph twice through the runtime's own packer and backend: every candidate alone, and all of
+them packed into shared-prefix rows. Both must match the reference within the precision's tolerance;
+the figures go into the manifest and an export over tolerance exits non-zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from stepscore.errors import ValidationFailed
+from stepscore.runtime.backend import OrtBackend
+from stepscore.runtime.bundle import Precision, ScoreRule
+from stepscore.runtime.packing import PackOptions, pack
+from stepscore.runtime.types import Formatted
+
+TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    precision: Precision
+    tolerance: float
+    max_abs_diff: float
+    max_abs_diff_alone: float
+    max_abs_diff_packed: float
+    per_step_max_abs_diff: list[float]
+    num_chains: int
+    num_steps: int
+    packed_rows: int
+    reference: str
+    passed: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _diff(got: npt.NDArray[np.float64], want: npt.NDArray[np.float64], rule: ScoreRule) -> npt.NDArray[np.float64]:
+    d = np.abs(got - want)
+    if rule == "identity":  # raw rewards: compare relative to their size
+        d = d / np.maximum(1.0, np.abs(want))
+    return np.asarray(d)
+
+
+def validate_graph(
+    graph_path: Path,
+    items: Sequence[Formatted],
+    reference: Sequence[npt.NDArray[np.float64]],
+    precision: Precision,
+    rule: ScoreRule,
+    reference_name: str,
+) -> ValidationReport:
+    backend = OrtBackend(graph_path, "cpu")
+    alone: list[npt.NDArray[np.float64]] = []
+    for item in items:
+        batch = pack([item], PackOptions(share_prefixes=False, row_tokens=1))
+        alone.append(backend.run(batch).reshape(-1)[batch.item_reads[0]].astype(np.float64))
+    packed_batch = pack(items, PackOptions(row_tokens=max(64, sum(i.num_tokens for i in items) // 2), min_shared=1))
+    flat = backend.run(packed_batch).reshape(-1)
+    packed = [flat[r].astype(np.float64) for r in packed_batch.item_reads]
+
+    longest = max(len(r) for r in reference)
+    per_step = np.zeros(longest)
+    worst_alone = worst_packed = 0.0
+    for got_a, got_p, want in zip(alone, packed, reference, strict=True):
+        da, dp = _diff(got_a, want, rule), _diff(got_p, want, rule)
+        if not (np.isfinite(got_a).all() and np.isfinite(got_p).all()):
+            da = dp = np.full(want.shape, np.inf)
+        per_step[: len(want)] = np.maximum(per_step[: len(want)], np.maximum(da, dp))
+        worst_alone = max(worst_alone, float(da.max()))
+        worst_packed = max(worst_packed, float(dp.max()))
+    tolerance = TOLERANCE[precision]
+    worst = max(worst_alone, worst_packed)
+    return ValidationReport(
+        precision=precision,
+        tolerance=tolerance,
+        max_abs_diff=worst,
+        max_abs_diff_alone=worst_alone,
+        max_abs_diff_packed=worst_packed,
+        per_step_max_abs_diff=[float(x) for x in per_step],
+        num_chains=len(items),
+        num_steps=int(sum(len(r) for r in reference)),
+        packed_rows=packed_batch.shape[0],
+        reference=reference_name,
+        passed=bool(worst <= tolerance),
+    )
+
+
+def require_pass(report: ValidationReport) -> None:
+    if not report.passed:
+        raise ValidationFailed(
+            f"graph differs from the PyTorch reference by {report.max_abs_diff:.3g} "
+            f"(alone {report.max_abs_diff_alone:.3g}, packed {report.max_abs_diff_packed:.3g}) > "
+            f"tolerance {report.tolerance:g} for {report.precision}; per step: "
+            + ", ".join(f"{x:.2g}" for x in report.per_step_max_abs_diff)
+        )

@@ -1,0 +1,63 @@
+"""The engine's one configuration object, validated once at start-up.
+
+Contradictory or impossible settings refuse to start with a message naming the setting; nothing is
+silently adjusted mid-flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from stepscore.errors import ConfigError
+from stepscore.runtime.bundle import Manifest
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_tokens: int = 16384  # tokens per engine run: rows x row length, padding included
+    max_wait_ms: float = 2.0  # an idle device waits at most this long for a batch to fill
+    max_queued_requests: int = 4096  # admitted and unfinished requests; more is "overloaded"
+    max_queued_tokens: int = 2_000_000  # tokens of admitted and unfinished requests
+    row_tokens: int = 2048  # target row length for packing; longer candidates get their own row
+    row_multiple: int = 16  # row lengths are rounded up to a multiple of this (fewer distinct shapes)
+    share_prefixes: bool = True  # compute shared token prefixes once (tree rows)
+    pack_rows: bool = True  # several sequences per row instead of one padded row each
+    min_shared_tokens: int = 8  # shorter common prefixes are not worth tying candidates together
+    tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
+    intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
+    io_binding: bool | None = None  # None = on for CUDA, off for CPU
+    max_seq_len: int = 0  # 0 = the bundle's limit; lower it to refuse longer candidates
+    verify_bundle: bool = True  # sha256 every bundle file at load
+
+    def checked(self, manifest: Manifest) -> EngineConfig:
+        """Validate against the bundle; returns the config with defaults resolved."""
+        positive = ("max_batch_tokens", "max_queued_requests", "max_queued_tokens", "row_tokens", "row_multiple",
+                    "tokenizer_threads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.intra_op_threads < 0 or self.min_shared_tokens < 1:
+            raise ConfigError("intra_op_threads must be >= 0 and min_shared_tokens >= 1")
+        limit = manifest.model.max_seq_len
+        max_seq_len = self.max_seq_len or limit
+        if max_seq_len > limit:
+            raise ConfigError(f"max_seq_len {max_seq_len} is beyond the bundle's limit of {limit} tokens")
+        if self.row_tokens > manifest.model.max_row_tokens:
+            raise ConfigError(
+                f"row_tokens {self.row_tokens} is beyond the graph's longest row ({manifest.model.max_row_tokens})"
+            )
+        if self.row_tokens > self.max_batch_tokens:
+            raise ConfigError(
+                f"row_tokens {self.row_tokens} > max_batch_tokens {self.max_batch_tokens}: one row would not fit "
+                "a batch; lower row_tokens or raise max_batch_tokens"
+            )
+        if self.max_queued_tokens < self.max_batch_tokens:
+            raise ConfigError(
+                f"max_queued_tokens {self.max_queued_tokens} < max_batch_tokens {self.max_batch_tokens}: "
+                "batches could never fill"
+            )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["max_seq_len"] = max_seq_len
+        return EngineConfig(**values)

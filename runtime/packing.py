@@ -1,0 +1,238 @@
+"""Packing: candidates -> rows of the graph's batch, sharing prefixes and filling rows.
+
+The layout in a row is the depth-first order of a token trie. Sorting the candidates' token sequences
+lexicographically gives that order directly, and the longest common prefix (LCP) of neighbours says how
+many tokens each candidate adds: candidate i contributes `ids[lcp_i:]`, placed right after its
+predecessor's tokens. Every token then gets:
+
+- `position_ids`: its depth (the position it has when its candidate is scored alone), and
+- `attn_end`: the end of its subtree in the row. Token i sees token j iff j <= i < attn_end[j], which is
+  exactly "j is an ancestor of i, or i itself" in the tree.
+
+so each candidate's scores equal scoring it alone (tests/runtime/test_packing.py checks this on random
+trees). Steps inside a shared prefix are read once and the score is given to every candidate.
+
+Rows: sorted candidates are cut into groups that share at least `min_shared` tokens with their
+neighbour; a group larger than a row is split cleanly (the next piece repeats the prefix it needs); the
+pieces are then placed first-fit-decreasing into rows, several independent pieces per row, so rows are
+packed instead of padded to the longest candidate.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from stepscore.runtime.types import Formatted
+
+I64Array = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    share_prefixes: bool = True
+    pack_rows: bool = True
+    row_tokens: int = 2048  # target row length; a longer candidate gets a row of its own length
+    row_multiple: int = 16  # the row length S is rounded up to a multiple of this
+    min_shared: int = 8  # neighbours sharing fewer tokens are not kept in the same tree
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """The engine's tensors for one run, plus where each item's step scores land."""
+
+    input_ids: I64Array  # [B, S]
+    position_ids: I64Array  # [B, S]
+    attn_end: I64Array  # [B, S]
+    step_positions: I64Array  # [B, K]
+    item_reads: list[npt.NDArray[np.intp]]  # per item: flat indices into the [B * K] output
+    tokens_submitted: int  # sum of the items' lengths
+    tokens_used: int  # tokens laid out in rows (after sharing)
+    reads_computed: int  # distinct step positions read
+    leftover: list[int]  # items that did not fit `max_tokens`; the scheduler queues them again
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        b, s = self.input_ids.shape
+        return int(b), int(s)
+
+    @property
+    def tokens_computed(self) -> int:
+        b, s = self.shape
+        return b * s
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens_used / max(1, self.tokens_computed)
+
+
+def _key(ids: npt.NDArray[np.int32]) -> bytes:
+    # Big-endian unsigned bytes sort in the same order as the token sequences.
+    return ids.astype(">u4").tobytes()
+
+
+def lcp(a: npt.NDArray[np.int32], b: npt.NDArray[np.int32]) -> int:
+    n = min(a.shape[0], b.shape[0])
+    if n == 0:
+        return 0
+    diff = a[:n] != b[:n]
+    return int(np.argmax(diff)) if diff.any() else n
+
+
+class SharedTokenCounter:
+    """Counts the tokens a set of sequences occupies once prefixes are shared, incrementally.
+
+    The scheduler uses it to fill a batch up to its token budget: adding x to a sorted set adds
+    `len(x) - max(lcp(pred, x), lcp(x, succ))` tokens (prefixes shorter than `min_shared` are not
+    shared, as in `pack`).
+    """
+
+    def __init__(self, share: bool, min_shared: int = 1) -> None:
+        self.share = share
+        self.min_shared = min_shared
+        self.total = 0
+        self._keys: list[bytes] = []
+        self._seqs: list[npt.NDArray[np.int32]] = []
+
+    def _locate(self, ids: npt.NDArray[np.int32]) -> tuple[int, bytes, int]:
+        key = _key(ids)
+        at = bisect.bisect_left(self._keys, key)
+        shared = 0
+        if at > 0:
+            shared = lcp(self._seqs[at - 1], ids)
+        if at < len(self._keys):
+            shared = max(shared, lcp(ids, self._seqs[at]))
+        return at, key, shared if shared >= self.min_shared else 0
+
+    def cost(self, ids: npt.NDArray[np.int32]) -> int:
+        """Tokens `ids` would add."""
+        if not self.share:
+            return int(ids.shape[0])
+        return int(ids.shape[0]) - self._locate(ids)[2]
+
+    def add(self, ids: npt.NDArray[np.int32]) -> int:
+        """Add `ids`; returns the tokens it added."""
+        if not self.share:
+            new = int(ids.shape[0])
+        else:
+            at, key, shared = self._locate(ids)
+            self._keys.insert(at, key)
+            self._seqs.insert(at, ids)
+            new = int(ids.shape[0]) - shared
+        self.total += new
+        return new
+
+
+def pack(
+    items: Sequence[Formatted], options: PackOptions, max_tokens: int | None = None, pad_id: int = 0
+) -> PackedBatch:
+    """Lay out `items` in rows. Every item's reads map to entries of the [B, K] output.
+
+    With `max_tokens`, rows beyond B * S <= max_tokens are left out (at least one row is kept) and
+    their items are reported in `leftover`.
+    """
+    n = len(items)
+    if n == 0:
+        raise ValueError("pack() needs at least one item")
+    lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
+    capacity = max(options.row_tokens, int(lengths.max()))
+
+    # 1. order and neighbour LCPs
+    if options.share_prefixes:
+        order = sorted(range(n), key=lambda i: _key(items[i].ids))
+        shared = [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
+    else:
+        order = list(range(n))
+        shared = [0] * n
+
+    # 2. pieces: runs of neighbours that share a prefix, split where a row would overflow
+    pieces: list[list[tuple[int, int]]] = []  # (item index, tokens shared with the previous item)
+    sizes: list[int] = []
+    for j, i in enumerate(order):
+        common = shared[j] if shared[j] >= options.min_shared else 0
+        if pieces and common > 0 and sizes[-1] + int(lengths[i]) - common <= capacity:
+            pieces[-1].append((i, common))
+            sizes[-1] += int(lengths[i]) - common
+        else:
+            pieces.append([(i, 0)])
+            sizes.append(int(lengths[i]))
+
+    # 3. rows: first-fit decreasing (or one piece per row when packing is off)
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for p in sorted(range(len(pieces)), key=lambda p: -sizes[p]):
+        if options.pack_rows:
+            for r in range(len(rows)):
+                if fill[r] + sizes[p] <= capacity:
+                    rows[r].append(p)
+                    fill[r] += sizes[p]
+                    break
+            else:
+                rows.append([p])
+                fill.append(sizes[p])
+        else:
+            rows.append([p])
+            fill.append(sizes[p])
+
+    m = options.row_multiple
+    seq = -(-max(fill) // m) * m
+    leftover: list[int] = []
+    if max_tokens is not None and len(rows) * seq > max_tokens:
+        keep = max(1, max_tokens // seq)
+        leftover = sorted(i for row in rows[keep:] for p in row for i, _ in pieces[p])
+        rows, fill = rows[:keep], fill[:keep]
+        seq = -(-max(fill) // m) * m
+    batch = len(rows)
+    input_ids = np.full((batch, seq), pad_id, dtype=np.int64)
+    position_ids = np.zeros((batch, seq), dtype=np.int64)
+    # Padding tokens see only themselves, so no attention row is empty.
+    attn_end = np.tile(np.arange(1, seq + 1, dtype=np.int64), (batch, 1))
+    item_layout: list[npt.NDArray[np.int64]] = [np.empty(0, np.int64)] * n
+    row_reads: list[npt.NDArray[np.int64]] = []
+    path = np.zeros(int(lengths.max()), dtype=np.int64)
+
+    for r, row in enumerate(rows):
+        pos = 0
+        for p in row:
+            prev_len = 0
+            for i, common in pieces[p]:
+                ids = items[i].ids
+                length = int(ids.shape[0])
+                # tokens of the previous branch deeper than the shared prefix end their subtree here
+                attn_end[r, path[common:prev_len]] = pos
+                new = length - common
+                input_ids[r, pos : pos + new] = ids[common:]
+                position_ids[r, pos : pos + new] = np.arange(common, length)
+                path[common:length] = np.arange(pos, pos + new)
+                item_layout[i] = path[items[i].reads].copy()
+                pos += new
+                prev_len = length
+            attn_end[r, path[:prev_len]] = pos
+        reads = np.unique(np.concatenate([item_layout[i] for p in row for i, _ in pieces[p]]))
+        row_reads.append(reads)
+
+    k = max(1, max(len(rr) for rr in row_reads))
+    step_positions = np.zeros((batch, k), dtype=np.int64)
+    item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
+    for r, row in enumerate(rows):
+        reads = row_reads[r]
+        step_positions[r, : len(reads)] = reads
+        for p in row:
+            for i, _ in pieces[p]:
+                item_reads[i] = (r * k + np.searchsorted(reads, item_layout[i])).astype(np.intp)
+
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attn_end=attn_end,
+        step_positions=step_positions,
+        item_reads=item_reads,
+        tokens_submitted=int(sum(int(lengths[i]) for row in rows for p in row for i, _ in pieces[p])),
+        tokens_used=int(sum(fill)),
+        reads_computed=int(sum(len(rr) for rr in row_reads)),
+        leftover=leftover,
+    )

@@ -1,0 +1,84 @@
+"""Internal request and result types: what travels between the service, the engine and the scheduler.
+
+Protobuf messages stop at the service layer; below it, everything speaks these frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+AGGREGATES = ("min", "product", "mean", "last", "soft_min")
+
+IntArray = npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """A candidate the client formatted itself.
+
+    `ids` is the complete model input (template, problem and steps, as the bundle's format describes);
+    `step_positions[i]` is the index in `ids` where step i's score is read (its tag).
+    """
+
+    ids: Sequence[int]
+    step_positions: Sequence[int]
+
+
+Candidate = Sequence[str] | TokenIds
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One scoring call: a problem and candidate solutions, each a list of steps.
+
+    `deadline` is an absolute `time.monotonic()` time; entries past it are dropped before compute.
+    """
+
+    problem: str
+    candidates: Sequence[Candidate]
+    aggregates: tuple[str, ...] = ()
+    return_step_scores: bool = True
+    truncate_left: bool = False
+    soft_min_temperature: float = 0.1
+    deadline: float | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Formatted:
+    """One candidate as the model sees it: token ids and the positions its step scores are read at."""
+
+    ids: IntArray
+    reads: IntArray
+    num_truncated_steps: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    step_scores: list[float]
+    aggregates: Mapping[str, float]
+    num_tokens: int
+    num_truncated_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    compute_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    candidates: list[CandidateScore]
+    timing: Timing = field(default_factory=Timing)
+    request_id: str = ""

@@ -1,0 +1,71 @@
+"""One error hierarchy for the whole project.
+
+Every failure a user can cause or meet is one of these types. The gRPC service maps them to status
+codes in exactly one place (`stepscore.runtime.service.status`); the CLIs print `str(error)` as one
+line. Messages say what was wrong and what to do instead.
+"""
+
+from __future__ import annotations
+
+
+class StepscoreError(Exception):
+    """Base class of every error stepscore raises on purpose."""
+
+
+class ConfigError(StepscoreError):
+    """A setting is invalid or contradicts another one; raised at start-up, never mid-flight."""
+
+
+# --- request errors (the caller can fix them) -------------------------------------------------
+
+
+class InvalidRequest(StepscoreError):
+    """The request is malformed. `field` names the offending field (dotted path)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ContextTooLong(InvalidRequest):
+    """A candidate does not fit the model's context and the request did not ask for truncation."""
+
+
+class Overloaded(StepscoreError):
+    """The queue is full (requests or tokens). Retry later or lower the load."""
+
+
+class DeadlineExceeded(StepscoreError):
+    """The request's deadline passed before its scores were computed."""
+
+
+class Cancelled(StepscoreError):
+    """The caller gave up on the request."""
+
+
+class Unavailable(StepscoreError):
+    """The engine is not ready (warming up) or is shutting down."""
+
+
+class Unauthenticated(StepscoreError):
+    """Missing or wrong credentials."""
+
+
+# --- server-side errors ------------------------------------------------------------------------
+
+
+class ModelOutputError(StepscoreError):
+    """The model produced NaN or inf for this request: it is reported, never returned as a score."""
+
+
+class BundleError(StepscoreError):
+    """A bundle is missing, of an unknown schema, or does not match its recorded hashes."""
+
+
+class ExportError(StepscoreError):
+    """Export cannot proceed: unsupported architecture, missing tokenizer, a tag that is not one token."""
+
+
+class ValidationFailed(ExportError):
+    """The exported graph disagrees with the PyTorch reference by more than the tolerance."""

@@ -1,0 +1,1 @@
+"""Test helpers: tiny random-init models of every family, built without downloads."""
