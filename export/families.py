@@ -30,6 +30,7 @@ import numpy as np
 
 from stepscore.errors import ExportError
 from stepscore.export.graph import DecoderSpec, HeadWeights
+from stepscore.export.presets import DEFAULT_PRESET, PRESETS, ExportOptions, Preset
 from stepscore.export.tokenizer import TokenizerInfo
 from stepscore.export.weights import WeightStore
 from stepscore.runtime.bundle import Family, FormatSpec, HeadSpec, Read, ScoreRule, Segment, Strip
@@ -40,47 +41,6 @@ DEFAULT_MAX_SEQ_LEN = 32768
 # onnxruntime's RotaryEmbedding refuses rows longer than its cos/sin cache, whatever the position ids,
 # so the cache covers the longest packed row the runtime may build, not only the longest candidate.
 MAX_ROW_TOKENS = 32768
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    family: Family
-    summary: str
-
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("qwen-prm", "token_cls", "Qwen2.5-Math-PRM: chat template, <extra_0> after every step, softmax[1]"),
-        Preset("trl", "token_cls", "TRL PRMTrainer output: prompt, tok(step)+tok(separator), softmax[1]"),
-        Preset("math-shepherd", "lm_pair", "Math-Shepherd: ' ки' after every step, softmax over ['+', '-']"),
-        Preset("rlhflow", "lm_pair", "RLHFlow PRM: chat turns, read before each assistant '+', softmax over ['+', '-']"),
-        Preset("skywork", "value_head", "Skywork-o1-Open-PRM: newline after every step, sigmoid(v_head)"),
-        Preset("orm", "seq_cls", "outcome reward model: whole solution, last token"),
-    )
-}
-DEFAULT_PRESET: dict[str, str] = {
-    "token_cls": "trl",
-    "lm_pair": "math-shepherd",
-    "value_head": "skywork",
-    "seq_cls": "orm",
-}
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What the user can override; `None` means: take it from the model."""
-
-    preset: str | None = None
-    family: str | None = None
-    tag: str | None = None
-    candidates: tuple[str, str] | None = None
-    system_prompt: str | None = None
-    step_separator: str | None = None
-    activation: str | None = None
-    max_seq_len: int | None = None
-    chat_template: bool = True
 
 
 @dataclass(frozen=True)
@@ -164,9 +124,7 @@ def choose_preset(config: Mapping[str, Any], tok: TokenizerInfo, weights: Weight
 def decoder_spec(config: Mapping[str, Any], weights: WeightStore, prefix: str) -> DecoderSpec:
     model_type = str(config.get("model_type", ""))
     if model_type not in SUPPORTED_BODIES:
-        raise ExportError(
-            f"model_type {model_type!r} is not supported yet (supported bodies: {', '.join(SUPPORTED_BODIES)})"
-        )
+        raise ExportError(f"model_type {model_type!r} is not supported yet (supported bodies: {', '.join(SUPPORTED_BODIES)})")
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise ExportError(f"hidden_act {act!r} is not supported (only silu)")
@@ -253,6 +211,7 @@ def head_for(
 ) -> tuple[HeadSpec, HeadWeights]:
     family = preset.family
     if family == "token_cls":
+        layers: tuple[tuple[np.ndarray, np.ndarray | None], ...]
         if "score.0.weight" in weights:  # Qwen2ForProcessRewardModel: Linear-ReLU-Linear
             layers = (_linear(weights, "score.0"), _linear(weights, "score.2"))
         elif "score.weight" in weights:
@@ -341,9 +300,12 @@ def _merge_text(items: list[Item]) -> list[Item]:
     for item in items:
         prev = out[-1] if out else None
         if (
-            isinstance(item, Segment) and isinstance(prev, Segment)
-            and item.text is not None and prev.text is not None
-            and item.read is None and prev.read is None
+            isinstance(item, Segment)
+            and isinstance(prev, Segment)
+            and item.text is not None
+            and prev.text is not None
+            and item.read is None
+            and prev.read is None
         ):
             out[-1] = Segment(text=prev.text + item.text)
         else:
@@ -404,8 +366,13 @@ def chat_response_format(tok: TokenizerInfo, messages: MessagesFn, join: str, de
         step = (Segment(field="step", read=Read(0)),)
     strip_p, strip_first, _ = _strips(tok, messages, "", 1)
     return FormatSpec(
-        prompt=tuple(prompt), step=step, strip_problem=strip_p, strip_first_step=strip_first,
-        strip_step=strip_first, join_steps=join, description=description,
+        prompt=tuple(prompt),
+        step=step,
+        strip_problem=strip_p,
+        strip_first_step=strip_first,
+        strip_step=strip_first,
+        join_steps=join,
+        description=description,
     )
 
 
@@ -439,8 +406,9 @@ def format_for(preset: Preset, tok: TokenizerInfo, opts: ExportOptions, head: He
             msgs = [{"role": "system", "content": sys_text}] if sys_text else []
             return [*msgs, {"role": "user", "content": p}, {"role": "assistant", "content": "".join(s + r for s in steps)}]
 
-        spec = chat_steps_format(tok, qwen_messages, Segment(ids=(tag_id,), read=Read(0)),
-                                 f"chat template; {tag} (id {tag_id}) after every step")
+        spec = chat_steps_format(
+            tok, qwen_messages, Segment(ids=(tag_id,), read=Read(0)), f"chat template; {tag} (id {tag_id}) after every step"
+        )
         return spec, _with_tag(head, tag_id)
     if name == "rlhflow":
         good = opts.candidates[0] if opts.candidates else "+"
@@ -454,8 +422,9 @@ def format_for(preset: Preset, tok: TokenizerInfo, opts: ExportOptions, head: He
             return msgs
 
         read = Segment(text=good, read=Read(offset=-1, expect=good_id))
-        spec = chat_steps_format(tok, rlhflow_messages, read,
-                                 f"chat turns: user = step, assistant = {good!r}; read one token before it")
+        spec = chat_steps_format(
+            tok, rlhflow_messages, read, f"chat turns: user = step, assistant = {good!r}; read one token before it"
+        )
         return spec, head
     if name == "orm":
         join = opts.step_separator if opts.step_separator is not None else "\n\n"
@@ -478,8 +447,11 @@ def format_for(preset: Preset, tok: TokenizerInfo, opts: ExportOptions, head: He
         tag_text = f" {tag}"
         tag_id = _text_tag_id(tok, tag_text)
         spec = FormatSpec(
-            prompt=(*([Segment(ids=(tok.bos_id,))] if tok.bos_id is not None else []), Segment(field="problem"),
-                    Segment(text=" ")),
+            prompt=(
+                *([Segment(ids=(tok.bos_id,))] if tok.bos_id is not None else []),
+                Segment(field="problem"),
+                Segment(text=" "),
+            ),
             step=(Segment(field="step"), Segment(text=tag_text, read=Read(0, expect=tag_id))),
             separator=(Segment(text=opts.step_separator if opts.step_separator is not None else "\n"),),
             description=f"problem + ' ' + ' {tag}\\n'.join(steps) + ' {tag}'",
@@ -517,7 +489,8 @@ def _text_tag_id(tok: TokenizerInfo, tag_text: str) -> int:
     """The single token a text tag becomes after ordinary step text (checked in context)."""
     probe = "Step 1: 2 + 2 = 4."
     enc = tok.plain.encode(probe + tag_text, add_special_tokens=False)
-    covering = [t for t, (start, end) in zip(enc.ids, enc.offsets, strict=True) if end > len(probe) and start < len(probe) + len(tag_text)]
+    end_of_tag = len(probe) + len(tag_text)
+    covering = [t for t, (lo, hi) in zip(enc.ids, enc.offsets, strict=True) if hi > len(probe) and lo < end_of_tag]
     if len(covering) != 1:
         raise ExportError(
             f"tag {tag_text.strip()!r} is {len(covering)} tokens after step text in this tokenizer, not one; "
@@ -543,12 +516,18 @@ def plan_export(model_dir: Path, tok: TokenizerInfo, weights: WeightStore, opts:
         raise ExportError(f"--max-seq-len {max_seq_len} is beyond the model's limit of {limit} tokens")
     if tok.vocab_size > decoder.vocab_size:
         # Ids past the embedding table would index out of range in the graph.
-        raise ExportError(
-            f"tokenizer has {tok.vocab_size} tokens but the model's embedding table has {decoder.vocab_size}"
-        )
+        raise ExportError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding table has {decoder.vocab_size}")
     archs = config.get("architectures") or ["?"]
     return ModelPlan(
-        preset=preset.name, family=preset.family, architecture=str(archs[0]), model_type=str(config["model_type"]),
-        decoder=decoder, body_prefix=prefix, head=head, head_weights=head_weights, format=fmt,
-        max_seq_len=max_seq_len, config=config,
+        preset=preset.name,
+        family=preset.family,
+        architecture=str(archs[0]),
+        model_type=str(config["model_type"]),
+        decoder=decoder,
+        body_prefix=prefix,
+        head=head,
+        head_weights=head_weights,
+        format=fmt,
+        max_seq_len=max_seq_len,
+        config=config,
     )

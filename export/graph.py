@@ -191,13 +191,12 @@ def _build(
     rope: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]],
     head: HeadWeights,
 ) -> None:
-    H, N, KV, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    _H, N, KV, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
     i64 = np.int64
     input_ids, position_ids, attn_end, step_positions = INPUTS
 
     # --- attention bias from attn_end: allowed(i, j) = j <= i < attn_end[j] ------------------------
-    seq_len = w.op("Gather", [w.op("Shape", [input_ids], "/mask/Shape"), w.const("/mask/one", 1, i64)],
-                   "/mask/seq_len", axis=0)
+    seq_len = w.op("Gather", [w.op("Shape", [input_ids], "/mask/Shape"), w.const("/mask/one", 1, i64)], "/mask/seq_len", axis=0)
     arange = w.op("Range", [w.const("/mask/zero", 0, i64), seq_len, w.const("/mask/step", 1, i64)], "/mask/Range")
     q_idx = w.op("Reshape", [arange, w.const("/mask/q_shape", [1, -1, 1], i64)], "/mask/q_idx")
     k_idx = w.op("Reshape", [arange, w.const("/mask/k_shape", [1, 1, -1], i64)], "/mask/k_idx")
@@ -206,15 +205,20 @@ def _build(
     inside = w.op("Less", [q_idx, end_k], "/mask/inside")
     allowed = w.op("And", [causal, inside], "/mask/allowed")
     neg = float(np.finfo(w.np_dtype).min)
-    bias3 = w.op("Where", [allowed, w.const("/mask/zero_f", 0.0, w.np_dtype), w.const("/mask/neg_f", neg, w.np_dtype)],
-                 "/mask/Where")
+    bias3 = w.op(
+        "Where", [allowed, w.const("/mask/zero_f", 0.0, w.np_dtype), w.const("/mask/neg_f", neg, w.np_dtype)], "/mask/Where"
+    )
     attn_bias = w.op("Unsqueeze", [bias3, w.const("/mask/axis1b", [1], i64)], "/mask/attn_bias")  # [B, 1, S, S]
 
     cos_cache = w.weight("/model/rotary/cos_cache", rope[0], count=False)
     sin_cache = w.weight("/model/rotary/sin_cache", rope[1], count=False)
 
-    hidden = w.op("Gather", [w.weight("model.embed_tokens.weight", weight("embed_tokens.weight")), input_ids],
-                  "/model/embed_tokens/Gather", axis=0)
+    hidden = w.op(
+        "Gather",
+        [w.weight("model.embed_tokens.weight", weight("embed_tokens.weight")), input_ids],
+        "/model/embed_tokens/Gather",
+        axis=0,
+    )
 
     def linear(x: str, prefix: str, names: list[str], bias: bool) -> str:
         # HF Linear stores [out, in]; MatMul wants [in, out]. Merged projections concatenate outputs.
@@ -230,8 +234,13 @@ def _build(
         # Qwen3's per-head RMS norm of q and k, applied before the rotary embedding.
         shaped = w.op("Reshape", [x, w.const(f"/model/{prefix}/shape4", [0, 0, heads, D], i64)], f"/model/{prefix}/Reshape")
         gamma = w.weight(f"model.{prefix}.weight", weight(f"{prefix}.weight"))
-        normed = w.op("SimplifiedLayerNormalization", [shaped, gamma], f"/model/{prefix}/SimplifiedLayerNormalization",
-                      axis=-1, epsilon=spec.rms_norm_eps)
+        normed = w.op(
+            "SimplifiedLayerNormalization",
+            [shaped, gamma],
+            f"/model/{prefix}/SimplifiedLayerNormalization",
+            axis=-1,
+            epsilon=spec.rms_norm_eps,
+        )
         return w.op("Reshape", [normed, w.const(f"/model/{prefix}/shape3", [0, 0, heads * D], i64)], f"/model/{prefix}/Flatten")
 
     residual = hidden
@@ -240,49 +249,100 @@ def _build(
         p = f"layers.{layer}"
         ln1 = w.weight(f"model.{p}.input_layernorm.weight", weight(f"{p}.input_layernorm.weight"))
         if mlp_out is None:
-            x = w.op("SimplifiedLayerNormalization", [hidden, ln1], f"/model/{p}/input_layernorm/SimplifiedLayerNorm",
-                     axis=-1, epsilon=spec.rms_norm_eps)
+            x = w.op(
+                "SimplifiedLayerNormalization",
+                [hidden, ln1],
+                f"/model/{p}/input_layernorm/SimplifiedLayerNorm",
+                axis=-1,
+                epsilon=spec.rms_norm_eps,
+            )
         else:
-            x, _, _, residual = w.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, ln1],
-                                       f"/model/{p}/input_layernorm/SkipSimplifiedLayerNorm", outputs=4,
-                                       domain=MS_DOMAIN, epsilon=spec.rms_norm_eps)
+            x, _, _, residual = w.node(
+                "SkipSimplifiedLayerNormalization",
+                [mlp_out, residual, ln1],
+                f"/model/{p}/input_layernorm/SkipSimplifiedLayerNorm",
+                outputs=4,
+                domain=MS_DOMAIN,
+                epsilon=spec.rms_norm_eps,
+            )
 
         # attention
         a = f"{p}.self_attn"
         qkv = linear(x, a, ["q_proj", "k_proj", "v_proj"], spec.qkv_bias)
-        q, k, v = w.node("Split", [qkv, w.const(f"/model/{a}/split", [N * D, KV * D, KV * D], i64)], f"/model/{a}/Split",
-                         outputs=3, axis=-1)
+        q, k, v = w.node(
+            "Split", [qkv, w.const(f"/model/{a}/split", [N * D, KV * D, KV * D], i64)], f"/model/{a}/Split", outputs=3, axis=-1
+        )
         if spec.qk_norm:
             q = head_norm(q, f"{a}.q_norm", N)
             k = head_norm(k, f"{a}.k_norm", KV)
-        q = w.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], f"/model/{a}/q_rotary", domain=MS_DOMAIN,
-                 num_heads=N, interleaved=0)
-        k = w.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], f"/model/{a}/k_rotary", domain=MS_DOMAIN,
-                 num_heads=KV, interleaved=0)
+        q = w.op(
+            "RotaryEmbedding",
+            [q, position_ids, cos_cache, sin_cache],
+            f"/model/{a}/q_rotary",
+            domain=MS_DOMAIN,
+            num_heads=N,
+            interleaved=0,
+        )
+        k = w.op(
+            "RotaryEmbedding",
+            [k, position_ids, cos_cache, sin_cache],
+            f"/model/{a}/k_rotary",
+            domain=MS_DOMAIN,
+            num_heads=KV,
+            interleaved=0,
+        )
         if KV != N:
             # MultiHeadAttention wants as many K/V heads as query heads: repeat each KV head N/KV times.
             group = N // KV
             shape5 = w.const(f"/model/{a}/kv_shape5", [0, 0, KV, 1, D], i64)
             reps = w.const(f"/model/{a}/kv_expand", [1, 1, 1, group, 1], i64)
             shape3 = w.const(f"/model/{a}/kv_shape3", [0, 0, N * D], i64)
-            k = w.op("Reshape", [w.op("Expand", [w.op("Reshape", [k, shape5], f"/model/{a}/k_split_heads"), reps],
-                                      f"/model/{a}/k_repeat"), shape3], f"/model/{a}/k_merge_heads")
-            v = w.op("Reshape", [w.op("Expand", [w.op("Reshape", [v, shape5], f"/model/{a}/v_split_heads"), reps],
-                                      f"/model/{a}/v_repeat"), shape3], f"/model/{a}/v_merge_heads")
-        attn = w.op("MultiHeadAttention", [q, k, v, "", "", attn_bias], f"/model/{a}/MultiHeadAttention",
-                    domain=MS_DOMAIN, num_heads=N, scale=1.0 / math.sqrt(D))
+            k = w.op(
+                "Reshape",
+                [
+                    w.op("Expand", [w.op("Reshape", [k, shape5], f"/model/{a}/k_split_heads"), reps], f"/model/{a}/k_repeat"),
+                    shape3,
+                ],
+                f"/model/{a}/k_merge_heads",
+            )
+            v = w.op(
+                "Reshape",
+                [
+                    w.op("Expand", [w.op("Reshape", [v, shape5], f"/model/{a}/v_split_heads"), reps], f"/model/{a}/v_repeat"),
+                    shape3,
+                ],
+                f"/model/{a}/v_merge_heads",
+            )
+        attn = w.op(
+            "MultiHeadAttention",
+            [q, k, v, "", "", attn_bias],
+            f"/model/{a}/MultiHeadAttention",
+            domain=MS_DOMAIN,
+            num_heads=N,
+            scale=1.0 / math.sqrt(D),
+        )
         o = linear(attn, f"{a}", ["o_proj"], spec.o_bias)
 
         ln2 = w.weight(f"model.{p}.post_attention_layernorm.weight", weight(f"{p}.post_attention_layernorm.weight"))
-        x, _, _, residual = w.node("SkipSimplifiedLayerNormalization", [o, residual, ln2],
-                                   f"/model/{p}/post_attention_layernorm/SkipSimplifiedLayerNorm", outputs=4,
-                                   domain=MS_DOMAIN, epsilon=spec.rms_norm_eps)
+        x, _, _, residual = w.node(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, ln2],
+            f"/model/{p}/post_attention_layernorm/SkipSimplifiedLayerNorm",
+            outputs=4,
+            domain=MS_DOMAIN,
+            epsilon=spec.rms_norm_eps,
+        )
 
         # MLP: silu(gate) * up, with gate and up in one MatMul; QuickGelu(alpha=1) is x * sigmoid(x).
         m = f"{p}.mlp"
         gate_up = linear(x, m, ["gate_proj", "up_proj"], spec.mlp_bias)
-        gate, up = w.node("Split", [gate_up, w.const(f"/model/{m}/split", [spec.intermediate_size] * 2, i64)],
-                          f"/model/{m}/Split", outputs=2, axis=-1)
+        gate, up = w.node(
+            "Split",
+            [gate_up, w.const(f"/model/{m}/split", [spec.intermediate_size] * 2, i64)],
+            f"/model/{m}/Split",
+            outputs=2,
+            axis=-1,
+        )
         act = w.op("QuickGelu", [gate], f"/model/{m}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=1.0)
         mlp_out = linear(w.op("Mul", [act, up], f"/model/{m}/Mul"), m, ["down_proj"], spec.mlp_bias)
 
@@ -295,9 +355,13 @@ def _build(
         sel_mlp = w.op("Cast", [sel_mlp], "/readout/cast_mlp", to=TensorProto.FLOAT)
         sel_res = w.op("Cast", [sel_res], "/readout/cast_residual", to=TensorProto.FLOAT)
     summed = w.op("Add", [sel_mlp, sel_res], "/readout/residual_add")
-    final = w.op("SimplifiedLayerNormalization",
-                 [summed, w.weight("model.norm.weight", weight("norm.weight"), dtype=np.float32)],
-                 "/model/norm/SimplifiedLayerNorm", axis=-1, epsilon=spec.rms_norm_eps)
+    final = w.op(
+        "SimplifiedLayerNormalization",
+        [summed, w.weight("model.norm.weight", weight("norm.weight"), dtype=np.float32)],
+        "/model/norm/SimplifiedLayerNorm",
+        axis=-1,
+        epsilon=spec.rms_norm_eps,
+    )
     _head(w, final, head)
 
 

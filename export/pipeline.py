@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepscore.errors import ExportError
-from stepscore.export.families import MAX_ROW_TOKENS, ExportOptions, ModelPlan, plan_export, rope_cache
+from stepscore.export.families import MAX_ROW_TOKENS, ModelPlan, plan_export, rope_cache
 from stepscore.export.graph import DecoderSpec, build_graph, fused_op_counts
+from stepscore.export.presets import ExportOptions
 from stepscore.export.reference import Reference
 from stepscore.export.samples import SAMPLE_CHAINS
 from stepscore.export.tokenizer import load_tokenizer
 from stepscore.export.validate import require_pass, validate_graph
 from stepscore.export.weights import WeightStore
 from stepscore.runtime.bundle import (
+    FileEntry,
     GraphSpec,
     Manifest,
     ModelSpec,
@@ -67,7 +69,7 @@ def resolve_model(model: str) -> Path:
                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "pytorch_model*.bin"],
             )
         )
-    except Exception as exc:  # noqa: BLE001 - network, auth and name errors all mean "cannot fetch"
+    except Exception as exc:
         raise ExportError(f"{model}: not a local folder and could not be downloaded from the hub ({exc})") from exc
 
 
@@ -82,13 +84,14 @@ def _sha256_text(path: Path) -> str:
 def export_model(
     model: str,
     out: Path,
-    options: ExportOptions = ExportOptions(),
+    options: ExportOptions | None = None,
     precision: Precision = "fp16",
     tokenizer: Path | None = None,
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = print,
 ) -> ExportResult:
+    options = options or ExportOptions()
     if precision not in ("fp16", "fp32"):
         raise ExportError(f"--precision {precision!r} is not fp16 or fp32")
     out = out.expanduser()
@@ -120,8 +123,13 @@ def export_model(
         cos, sin = rope_cache(model_dir, max(plan.max_seq_len, MAX_ROW_TOKENS))
         prefix = plan.body_prefix
         graph_path, data_path, n_params = build_graph(
-            plan.decoder, lambda name: weights.get(prefix + name), (cos, sin), plan.head_weights,
-            precision, work, external_data=external_data,
+            plan.decoder,
+            lambda name: weights.get(prefix + name),
+            (cos, sin),
+            plan.head_weights,
+            precision,
+            work,
+            external_data=external_data,
         )
         t = stage(2, "export", t)
 
@@ -129,9 +137,12 @@ def export_model(
         ops = fused_op_counts(graph_path)
         layers = plan.decoder.num_layers
         # per layer: one attention, rotary on q and k, skip-norms after attention and before the next layer
-        want = {"MultiHeadAttention": layers, "RotaryEmbedding": 2 * layers,
-                "SkipSimplifiedLayerNormalization": 2 * layers - 1}
-        for op, expected in want.items():
+        per_layer = {
+            "MultiHeadAttention": layers,
+            "RotaryEmbedding": 2 * layers,
+            "SkipSimplifiedLayerNormalization": 2 * layers - 1,
+        }
+        for op, expected in per_layer.items():
             if ops.get(op, 0) < expected:
                 raise ExportError(f"graph has {ops.get(op, 0)} {op} nodes, expected {expected}")
         progress("        " + ", ".join(f"{ops.get(op, 0)} {op}" for op in (*FUSED_PER_LAYER, "QuickGelu")))
@@ -158,8 +169,9 @@ def export_model(
         t = stage(4, "validate", t)
 
         files = ["tokenizer.json", graph_path.name] + ([data_path.name] if data_path else [])
-        manifest = _manifest(model, model_dir, plan, precision, graph_path, data_path, n_params, ops,
-                             report.as_dict(), hash_files(work, files))
+        manifest = _manifest(
+            model, model_dir, plan, precision, graph_path, data_path, n_params, ops, report.as_dict(), hash_files(work, files)
+        )
         write_manifest(work, manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -183,7 +195,7 @@ def _manifest(
     n_params: int,
     ops: dict[str, int],
     validation: dict[str, object],
-    files: dict[str, object],
+    files: dict[str, FileEntry],
 ) -> Manifest:
     d: DecoderSpec = plan.decoder
     from stepscore.export.graph import OPSET
@@ -198,21 +210,32 @@ def _manifest(
             "config_sha256": _sha256_text(model_dir / "config.json"),
         },
         model=ModelSpec(
-            architecture=plan.architecture, model_type=plan.model_type, vocab_size=d.vocab_size,
-            hidden_size=d.hidden_size, num_layers=d.num_layers, num_heads=d.num_heads,
-            num_kv_heads=d.num_kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate_size,
-            max_position_embeddings=d.max_position_embeddings, max_seq_len=plan.max_seq_len,
+            architecture=plan.architecture,
+            model_type=plan.model_type,
+            vocab_size=d.vocab_size,
+            hidden_size=d.hidden_size,
+            num_layers=d.num_layers,
+            num_heads=d.num_heads,
+            num_kv_heads=d.num_kv_heads,
+            head_dim=d.head_dim,
+            intermediate_size=d.intermediate_size,
+            max_position_embeddings=d.max_position_embeddings,
+            max_seq_len=plan.max_seq_len,
             max_row_tokens=max(plan.max_seq_len, MAX_ROW_TOKENS),
             num_parameters=n_params,
         ),
         head=plan.head,
         format=plan.format,
         graph=GraphSpec(
-            file=graph_path.name, data_file=data_path.name if data_path else None, precision=precision,
-            opset=OPSET, fused_ops={k: v for k, v in sorted(ops.items()) if k in (*FUSED_PER_LAYER, "QuickGelu",
-                                                                                   "SimplifiedLayerNormalization")},
+            file=graph_path.name,
+            data_file=data_path.name if data_path else None,
+            precision=precision,
+            opset=OPSET,
+            fused_ops={
+                k: v for k, v in sorted(ops.items()) if k in (*FUSED_PER_LAYER, "QuickGelu", "SimplifiedLayerNormalization")
+            },
         ),
         tokenizer_file="tokenizer.json",
         validation=validation,
-        files=files,  # type: ignore[arg-type]
+        files=files,
     )

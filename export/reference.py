@@ -28,12 +28,13 @@ class Reference:
         self._torch = torch
         config = AutoConfig.from_pretrained(str(model_dir))
         body_cls: Any = MODEL_MAPPING[type(config)]
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the head's tensors are "unused" by the body: expected
+        tf_logging: Any = transformers.logging
+        verbosity = tf_logging.get_verbosity()
+        tf_logging.set_verbosity_error()  # the head's tensors are "unused" by the body: expected
         try:
             self.body = body_cls.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
         finally:
-            transformers.logging.set_verbosity(verbosity)
+            tf_logging.set_verbosity(verbosity)
         self.body.eval()
         self.head = head
         self.description = f"transformers {transformers.__version__} {body_cls.__name__} fp32 + head fp32"

@@ -81,15 +81,16 @@ class TokenizerInfo:
         """The chat template applied as transformers applies it (tokenize=False, no generation prompt)."""
         if not self.chat_template:
             raise ExportError("this model's tokenizer has no chat template; pass --no-chat-template")
-        from transformers import PreTrainedTokenizerFast
+        import transformers
 
-        fast = PreTrainedTokenizerFast(
+        fast_cls: Any = transformers.PreTrainedTokenizerFast
+        fast = fast_cls(
             tokenizer_object=self.tok,
             bos_token=self.special("bos_token"),
             eos_token=self.special("eos_token"),
             chat_template=self.chat_template,
         )
-        rendered = fast.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
+        rendered = fast.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=False)
         assert isinstance(rendered, str)
         return rendered
 
@@ -99,7 +100,7 @@ def load_tokenizer(model_dir: Path, override: Path | None = None) -> TokenizerIn
     folder = model_dir
     if override is not None:
         folder = override.parent if override.is_file() else override
-    json_path = (override if override is not None and override.is_file() else folder / "tokenizer.json")
+    json_path = override if override is not None and override.is_file() else folder / "tokenizer.json"
     if not json_path.is_file():
         json_path = _convert(folder)
     tok = Tokenizer.from_file(str(json_path))
@@ -138,7 +139,7 @@ def _convert(folder: Path) -> Path:
         from transformers import AutoTokenizer
 
         fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
+    except Exception as exc:
         raise ExportError(f"{folder}: could not load its tokenizer ({exc}); pass --tokenizer PATH") from exc
     backend = getattr(fast, "backend_tokenizer", None)
     if backend is None:

@@ -10,9 +10,7 @@ import numpy.typing as npt
 from stepscore.runtime.types import AGGREGATES
 
 
-def aggregate(
-    scores: npt.NDArray[np.floating], names: Sequence[str], soft_min_temperature: float = 0.1
-) -> dict[str, float]:
+def aggregate(scores: npt.NDArray[np.floating], names: Sequence[str], soft_min_temperature: float = 0.1) -> dict[str, float]:
     """min (Math-Shepherd), product (Let's Verify), mean (RLHFlow), last (search-and-learn) and
     soft_min = sum(softmax(-r / T) * r) (PURE). `scores` is non-empty."""
     r = np.asarray(scores, dtype=np.float64)

@@ -40,9 +40,7 @@ def _import_ort() -> Any:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise ConfigError(
-            "onnxruntime is not installed: pip install 'stepscore[cpu]' (or 'stepscore[gpu]' for CUDA)"
-        ) from exc
+        raise ConfigError("onnxruntime is not installed: pip install 'stepscore[cpu]' (or 'stepscore[gpu]' for CUDA)") from exc
     return onnxruntime
 
 

@@ -297,7 +297,7 @@ class Manifest:
                     family=head["family"],
                     score=head["score"],
                     num_labels=int(head["num_labels"]),
-                    candidate_ids=tuple(head["candidate_ids"]) if head.get("candidate_ids") else None,  # type: ignore[arg-type]
+                    candidate_ids=tuple(head["candidate_ids"]) if head.get("candidate_ids") else None,
                     tag_id=head.get("tag_id"),
                 ),
                 format=FormatSpec.from_json(obj["format"]),
@@ -339,10 +339,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def hash_files(directory: Path, names: Sequence[str]) -> dict[str, FileEntry]:
-    return {
-        name: FileEntry(sha256=sha256_file(directory / name), size=(directory / name).stat().st_size)
-        for name in names
-    }
+    return {name: FileEntry(sha256=sha256_file(directory / name), size=(directory / name).stat().st_size) for name in names}
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:

@@ -31,8 +31,14 @@ class EngineConfig:
 
     def checked(self, manifest: Manifest) -> EngineConfig:
         """Validate against the bundle; returns the config with defaults resolved."""
-        positive = ("max_batch_tokens", "max_queued_requests", "max_queued_tokens", "row_tokens", "row_multiple",
-                    "tokenizer_threads")
+        positive = (
+            "max_batch_tokens",
+            "max_queued_requests",
+            "max_queued_tokens",
+            "row_tokens",
+            "row_multiple",
+            "tokenizer_threads",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

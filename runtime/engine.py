@@ -16,11 +16,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-
 
 from stepscore import __version__
 from stepscore.errors import DeadlineExceeded, InvalidRequest, Unavailable
@@ -29,6 +28,7 @@ from stepscore.runtime.backend import Backend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
 from stepscore.runtime.config import EngineConfig
 from stepscore.runtime.formatting import Formatter
+from stepscore.runtime.packing import PackedBatch
 from stepscore.runtime.scheduler import Scheduler, SchedulerStats
 from stepscore.runtime.types import AGGREGATES, CandidateScore, ScoreRequest, ScoreResult, Timing, TokenIds
 
@@ -110,8 +110,7 @@ class Engine:
         config.checked(bundle.manifest)  # fail on bad settings before loading any session
         backends: list[Backend] = []
         for dev in _device_list(device, devices):
-            backend = OrtBackend(bundle.graph_path, dev, threads=config.intra_op_threads or None,
-                                 io_binding=config.io_binding)
+            backend = OrtBackend(bundle.graph_path, dev, threads=config.intra_op_threads or None, io_binding=config.io_binding)
             backend.warmup()
             backends.append(backend)
         return cls(bundle, backends, config)
@@ -188,6 +187,14 @@ class Engine:
         return ScoreResult(candidates=candidates, timing=timing, request_id=request.request_id)
 
     # -- introspection --------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (Unavailable); queued ones still run."""
+        self._scheduler.begin_drain()
+
+    def on_batch(self, observer: Callable[[PackedBatch, float], None]) -> None:
+        """Call `observer(batch, seconds)` after every engine run (metrics)."""
+        self._scheduler.on_batch.append(observer)
 
     @property
     def stats(self) -> SchedulerStats:

@@ -80,9 +80,7 @@ class Formatter:
         for i, cand in enumerate(request.candidates):
             if not isinstance(cand, TokenIds):
                 layouts[i] = self._layout(request.problem, cand)
-        encoded = self._encode_runs(
-            [p for layout in layouts.values() for p in layout.pieces if isinstance(p, str)]
-        )
+        encoded = self._encode_runs([p for layout in layouts.values() for p in layout.pieces if isinstance(p, str)])
         out: list[Formatted] = []
         for i, cand in enumerate(request.candidates):
             if isinstance(cand, TokenIds):
@@ -124,9 +122,7 @@ class Formatter:
                 flush()
                 pieces.append(seg.ids)
                 if seg.read is not None:
-                    reads.append(
-                        _ReadRef(step_index, len(pieces) - 1, len(seg.ids) - 1, seg.read.offset, seg.read.expect)
-                    )
+                    reads.append(_ReadRef(step_index, len(pieces) - 1, len(seg.ids) - 1, seg.read.offset, seg.read.expect))
             elif seg.brk:
                 flush()
             else:
@@ -236,9 +232,7 @@ class Formatter:
                 f"{where}.ids[{first}]", f"token id {int(ids[first])} is outside the vocabulary [0, {self.vocab_size})"
             )
         if reads[0] < 0 or reads[-1] >= ids.size or np.any(np.diff(reads) <= 0):
-            raise InvalidRequest(
-                f"{where}.step_positions", f"must be strictly increasing indices into ids (0..{ids.size - 1})"
-            )
+            raise InvalidRequest(f"{where}.step_positions", f"must be strictly increasing indices into ids (0..{ids.size - 1})")
         end = int(reads[-1]) + 1
         return ids[:end].astype(np.int32), reads.astype(np.int32)
 
@@ -251,8 +245,7 @@ class Formatter:
         if not truncate_left:
             raise ContextTooLong(
                 f"candidates[{cand}]",
-                f"is {n} tokens long; the model's limit is {self.max_seq_len} tokens "
-                "(shorten it or ask for left truncation)",
+                f"is {n} tokens long; the model's limit is {self.max_seq_len} tokens (shorten it or ask for left truncation)",
             )
         cut = n - self.max_seq_len
         kept = reads >= cut

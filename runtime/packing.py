@@ -127,9 +127,7 @@ class SharedTokenCounter:
         return new
 
 
-def pack(
-    items: Sequence[Formatted], options: PackOptions, max_tokens: int | None = None, pad_id: int = 0
-) -> PackedBatch:
+def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | None = None, pad_id: int = 0) -> PackedBatch:
     """Lay out `items` in rows. Every item's reads map to entries of the [B, K] output.
 
     With `max_tokens`, rows beyond B * S <= max_tokens are left out (at least one row is kept) and

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +102,8 @@ class Scheduler:
             min_shared=config.min_shared_tokens,
         )
         self.stats = SchedulerStats()
+        # called after every engine run with (batch, seconds); metrics subscribe here
+        self.on_batch: list[Callable[[PackedBatch, float], None]] = []
         self._queue: deque[Entry] = deque()
         self._queued_tokens = 0  # tokens of candidates not yet in a batch
         self._admitted_requests = 0
@@ -127,6 +129,10 @@ class Scheduler:
         self._tasks = [asyncio.create_task(self._batcher(), name="stepscore-batcher")]
         for backend, pool in zip(self._backends, self._device_pools, strict=True):
             self._tasks.append(asyncio.create_task(self._device(backend, pool), name=f"stepscore-{backend.device}"))
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on; queued work continues."""
+        self._closing = True
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Refuse new work; let queued work finish (up to `drain_timeout`), then fail the rest."""
@@ -183,9 +189,16 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         self._seq += 1
         entry = Entry(
-            seq=self._seq, items=items, future=loop.create_future(), deadline=deadline, tokens=tokens,
-            enqueued_at=time.monotonic(), pending=deque(range(len(items))), scores=[None] * len(items),
-            remaining=len(items), in_queue=True,
+            seq=self._seq,
+            items=items,
+            future=loop.create_future(),
+            deadline=deadline,
+            tokens=tokens,
+            enqueued_at=time.monotonic(),
+            pending=deque(range(len(items))),
+            scores=[None] * len(items),
+            remaining=len(items),
+            in_queue=True,
         )
         self._admitted_tokens += tokens
         entry.future.add_done_callback(lambda _f: self._finished(entry))
@@ -288,10 +301,8 @@ class Scheduler:
             members = await self._next_batch()
             items = [entry.items[index] for entry, index in members]
             try:
-                batch = await loop.run_in_executor(
-                    self._prep_pool, pack, items, self._pack, self._config.max_batch_tokens
-                )
-            except Exception as exc:  # noqa: BLE001 - a packing bug must fail these requests, not the server
+                batch = await loop.run_in_executor(self._prep_pool, pack, items, self._pack, self._config.max_batch_tokens)
+            except Exception as exc:
                 log.exception("packing failed")
                 for entry, _ in members:
                     if not entry.future.done():
@@ -320,7 +331,7 @@ class Scheduler:
             started = time.perf_counter()
             try:
                 scores = await loop.run_in_executor(pool, backend.run, batch)
-            except Exception as exc:  # noqa: BLE001 - a failed run fails its requests, not the server
+            except Exception as exc:
                 log.exception("engine run failed on %s (batch %s)", backend.device, batch.shape)
                 for entry, _ in prepared.members:
                     if not entry.future.done():
@@ -342,6 +353,8 @@ class Scheduler:
         s.reads_computed += batch.reads_computed
         s.compute_s += elapsed
         s.last_batch_shape = batch.shape
+        for observer in self.on_batch:
+            observer(batch, elapsed)
 
     def _scatter(self, prepared: _Prepared, flat: npt.NDArray[np.float32], elapsed: float) -> None:
         leftover = set(prepared.batch.leftover)

@@ -44,10 +44,12 @@ def _train_tokenizer(kind: str, folder: Path) -> int:
     if kind == "spm":
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
         # Newlines stay their own tokens, as in sentencepiece vocabularies (byte fallback <0x0A>).
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split("\n", behavior="isolated"),
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split("\n", behavior="isolated"),
+                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+            ]
+        )
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         specials = ["<unk>", "<s>", "</s>"]
         alphabet = sorted(set("".join(CORPUS)) | set("\n"))
@@ -80,12 +82,19 @@ def _train_tokenizer(kind: str, folder: Path) -> int:
     return int(tok.get_vocab_size(with_added_tokens=True))
 
 
-def _config(cls_name: str, vocab: int, **extra: Any) -> Any:
+def _config(cls_name: str, vocab: int, hidden: int = 32, **extra: Any) -> Any:
     import transformers
 
     common: dict[str, Any] = dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        rms_norm_eps=1e-6,
     )
     common.update(extra)
     return getattr(transformers, cls_name)(**common)
@@ -100,44 +109,64 @@ def _save_state(folder: Path, tensors: dict[str, Any], config: Any, architecture
     (folder / "config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
 
 
-def build(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny model of `kind` (one of KINDS) into `folder` and return it."""
+def build(kind: str, folder: Path, seed: int = 0, tokenizer_dir: Path | None = None, hidden: int = 32) -> Path:
+    """Write a tiny model of `kind` (one of KINDS) into `folder` and return it.
+
+    With `tokenizer_dir`, the model gets that (real) tokenizer and an embedding table of its size,
+    instead of a small tokenizer trained here.
+    """
+    import shutil
+
     import torch
     import transformers
 
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    tok_kind = {"math-shepherd": "spm", "rlhflow": "llama3"}.get(kind, "qwen")
-    vocab = _train_tokenizer(tok_kind, folder) + 7  # embedding tables are often larger than the vocab
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, folder / name)
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    else:
+        tok_kind = {"math-shepherd": "spm", "rlhflow": "llama3"}.get(kind, "qwen")
+        vocab = _train_tokenizer(tok_kind, folder) + 7  # embedding tables are often larger than the vocab
 
     if kind in ("qwen-prm", "skywork"):
-        config = _config("Qwen2Config", vocab)
+        config = _config("Qwen2Config", vocab, hidden)
         body = transformers.Qwen2Model(config)
         state = {f"model.{k}": v for k, v in body.state_dict().items()}
         h = config.hidden_size
         if kind == "qwen-prm":
-            state.update({
-                "score.0.weight": torch.randn(h, h) * 0.3, "score.0.bias": torch.randn(h) * 0.1,
-                "score.2.weight": torch.randn(2, h) * 0.3, "score.2.bias": torch.randn(2) * 0.1,
-            })
+            state.update(
+                {
+                    "score.0.weight": torch.randn(h, h) * 0.3,
+                    "score.0.bias": torch.randn(h) * 0.1,
+                    "score.2.weight": torch.randn(2, h) * 0.3,
+                    "score.2.bias": torch.randn(2) * 0.1,
+                }
+            )
             _save_state(folder, state, config, "Qwen2ForProcessRewardModel")
         else:
-            state.update({
-                "v_head.summary.weight": torch.randn(1, h) * 0.3, "v_head.summary.bias": torch.randn(1) * 0.1,
-                "lm_head.weight": torch.randn(vocab, h) * 0.02,
-            })
+            state.update(
+                {
+                    "v_head.summary.weight": torch.randn(1, h) * 0.3,
+                    "v_head.summary.bias": torch.randn(1) * 0.1,
+                    "lm_head.weight": torch.randn(vocab, h) * 0.02,
+                }
+            )
             _save_state(folder, state, config, "Qwen2ForPrmModel")
         return folder
     if kind == "trl":
-        model = transformers.Qwen2ForTokenClassification(_config("Qwen2Config", vocab, num_labels=2))
+        model = transformers.Qwen2ForTokenClassification(_config("Qwen2Config", vocab, hidden, num_labels=2))
     elif kind == "qwen3-trl":
-        model = transformers.Qwen3ForTokenClassification(_config("Qwen3Config", vocab, num_labels=2, head_dim=16))
+        model = transformers.Qwen3ForTokenClassification(_config("Qwen3Config", vocab, hidden, num_labels=2, head_dim=16))
     elif kind == "math-shepherd":
-        model = transformers.MistralForCausalLM(_config("MistralConfig", vocab, sliding_window=256))
+        model = transformers.MistralForCausalLM(_config("MistralConfig", vocab, hidden, sliding_window=256))
     elif kind == "rlhflow":
-        model = transformers.LlamaForCausalLM(_config("LlamaConfig", vocab, tie_word_embeddings=False))
+        model = transformers.LlamaForCausalLM(_config("LlamaConfig", vocab, hidden, tie_word_embeddings=False))
     elif kind == "orm":
-        model = transformers.LlamaForSequenceClassification(_config("LlamaConfig", vocab, num_labels=1))
+        model = transformers.LlamaForSequenceClassification(_config("LlamaConfig", vocab, hidden, num_labels=1))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     model.save_pretrained(str(folder))

@@ -1,0 +1,143 @@
+"""The StepScorer RPCs: translate, delegate to the engine, translate back.
+
+Every accepted request gets exactly one answer: a response, an error status (unary), or an in-stream
+error message (streaming). Errors cross the wire through `status.to_status` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from stepscore.errors import InvalidRequest
+from stepscore.runtime.engine import Engine
+from stepscore.runtime.service.config import ServerConfig
+from stepscore.runtime.service.convert import request_from_proto, result_to_proto
+from stepscore.runtime.service.metrics import Metrics
+from stepscore.runtime.service.status import to_status
+from stepscore.runtime.types import AGGREGATES, ScoreResult
+from stepscore.v1 import stepscore_pb2 as pb
+from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
+
+
+class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self._engine = engine
+        self._config = config
+        self._metrics = metrics
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def _score(self, msg: Any, deadline: float | None) -> ScoreResult:
+        size = msg.ByteSize()
+        if size > self._config.max_receive_message_bytes:
+            raise InvalidRequest(
+                "request", f"message is {size} bytes, over the limit of {self._config.max_receive_message_bytes}"
+            )
+        return await self._engine.score(request_from_proto(msg, deadline))
+
+    def _observe(self, method: str, code: grpc.StatusCode, started: float, result: ScoreResult | None) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_request(method, code.name, time.perf_counter() - started, result)
+
+    # -- RPCs -----------------------------------------------------------------------------------
+
+    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC's name
+        started = time.perf_counter()
+        try:
+            result = await self._score(request, self._deadline(context))
+        except asyncio.CancelledError:  # the client went away: the engine already dropped the work
+            self._observe("Score", grpc.StatusCode.CANCELLED, started, None)
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
+            code, message, _field = to_status(exc)
+            self._observe("Score", code, started, None)
+            await context.abort(code, message)
+        self._observe("Score", grpc.StatusCode.OK, started, result)
+        return result_to_proto(result)
+
+    async def ScoreStream(  # noqa: N802 - gRPC's name
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+        seen: set[str] = set()
+        stream_deadline = self._deadline(context)
+
+        async def one(msg: Any) -> None:
+            started = time.perf_counter()
+            try:
+                if not msg.request_id:
+                    raise InvalidRequest("request_id", "is required on a stream (responses come back out of order)")
+                if msg.request_id in seen:
+                    raise InvalidRequest("request_id", f"{msg.request_id!r} is already in flight on this stream")
+                seen.add(msg.request_id)
+                try:
+                    result = await self._score(msg, stream_deadline)
+                finally:
+                    seen.discard(msg.request_id)
+                self._observe("ScoreStream", grpc.StatusCode.OK, started, result)
+                await answers.put(pb.ScoreStreamResponse(request_id=msg.request_id, response=result_to_proto(result)))
+            except asyncio.CancelledError:
+                self._observe("ScoreStream", grpc.StatusCode.CANCELLED, started, None)
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported in the stream; the stream goes on
+                code, message, field = to_status(exc)
+                self._observe("ScoreStream", code, started, None)
+                error = pb.Error(code=code.value[0], message=message, field=field)
+                await answers.put(pb.ScoreStreamResponse(request_id=msg.request_id, error=error))
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                task = asyncio.create_task(one(msg))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:
+                await asyncio.wait(set(pending))
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await answers.get()
+                if item is None:
+                    break
+                yield item
+            await reader
+        finally:
+            # the client cancelled or the stream failed: drop all of its queued work
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC's name
+        info = self._engine.info()
+        cfg = self._engine.config
+        return pb.InfoResponse(
+            model=info.model,
+            family=info.family,
+            preset=info.preset,
+            precision=info.precision,
+            max_seq_len=info.max_seq_len,
+            max_batch_tokens=info.max_batch_tokens,
+            max_queued_requests=cfg.max_queued_requests,
+            max_queued_tokens=cfg.max_queued_tokens,
+            max_receive_message_bytes=self._config.max_receive_message_bytes,
+            max_send_message_bytes=self._config.max_send_message_bytes,
+            devices=list(info.devices),
+            aggregates=list(AGGREGATES),
+            stepscore_version=info.stepscore_version,
+            onnxruntime_version=info.onnxruntime_version,
+            grpc_version=grpc.__version__,
+            format_description=info.manifest["format"].get("description", ""),
+            manifest_json=json.dumps(info.manifest),
+        )

@@ -1,0 +1,267 @@
+"""The engine and its scheduler: batch invariance, packing, splitting, cancellation, deadlines, overload,
+NaN handling, and a concurrent stress test in which every accepted request is answered exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stepscore.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelOutputError, Overloaded
+from stepscore.runtime.backend import OrtBackend
+from stepscore.runtime.bundle import load_bundle
+from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.engine import Engine, SyncEngine
+from stepscore.runtime.packing import PackedBatch
+from stepscore.runtime.types import ScoreRequest, ScoreResult, TokenIds
+from tests.helpers.tiny_models import KINDS
+
+WORDS = "the sum of two and three is five so we add then multiply by four to get twenty".split()
+
+
+def _requests(seed: int, n: int, shared: bool = True) -> list[ScoreRequest]:
+    rng = random.Random(seed)
+    out = []
+    for r in range(n):
+        problem = " ".join(rng.choices(WORDS, k=rng.randint(3, 20))) + "?"
+        first = [" ".join(rng.choices(WORDS, k=rng.randint(2, 12))) + "." for _ in range(rng.randint(0, 3))]
+        cands = []
+        for _ in range(rng.randint(1, 5)):
+            tail = [" ".join(rng.choices(WORDS, k=rng.randint(2, 12))) + "." for _ in range(rng.randint(1, 4))]
+            cands.append((first if shared else []) + tail)
+        out.append(ScoreRequest(problem, cands, aggregates=("min", "last"), request_id=f"r{seed}-{r}"))
+    return out
+
+
+class Recording:
+    """A backend wrapper that records every batch and can slow down or poison runs."""
+
+    def __init__(self, inner: OrtBackend, delay: float = 0.0, nan_token: int | None = None) -> None:
+        self.inner = inner
+        self.device = inner.device
+        self.delay = delay
+        self.nan_token = nan_token
+        self.batches: list[PackedBatch] = []
+        self.lock = threading.Lock()
+
+    def run(self, batch: PackedBatch) -> Any:
+        with self.lock:
+            self.batches.append(batch)
+        if self.delay:
+            time.sleep(self.delay)
+        out = self.inner.run(batch)
+        if self.nan_token is not None:
+            poisoned = (batch.input_ids == self.nan_token).any(axis=1)
+            out[poisoned] = np.nan
+        return out
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+    def saw(self, token: int) -> bool:
+        return any((b.input_ids == token).any() for b in self.batches)
+
+
+def _engine(bundle: Path, config: EngineConfig | None = None, **wrap: Any) -> tuple[Engine, Recording]:
+    backend = Recording(OrtBackend(bundle / "model.onnx"), **wrap)
+    return Engine(load_bundle(bundle), [backend], config or EngineConfig()), backend
+
+
+def _scores(result: ScoreResult) -> list[list[float]]:
+    return [c.step_scores for c in result.candidates]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_invariance_on_every_family(tiny_bundle: Callable[..., Path], kind: str) -> None:
+    bundle = tiny_bundle(kind)
+    requests = _requests(1, 12)
+
+    async def run() -> None:
+        engine, backend = _engine(bundle, EngineConfig(max_batch_tokens=4096, row_tokens=512, max_wait_ms=20))
+        async with engine:
+            alone = [await engine.score(r) for r in requests]
+            together = await asyncio.gather(*(engine.score(r) for r in requests))
+        assert len(backend.batches) < len(requests) + 1 + len(requests)  # the concurrent ones were batched
+        for a, t in zip(alone, together, strict=True):
+            for sa, st in zip(_scores(a), _scores(t), strict=True):
+                np.testing.assert_allclose(st, sa, atol=1e-5, rtol=0)
+
+    asyncio.run(run())
+
+
+def test_packed_and_padded_give_the_same_scores(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+    requests = _requests(2, 10)
+
+    async def run(config: EngineConfig) -> tuple[list[ScoreResult], float]:
+        engine, _ = _engine(bundle, config)
+        async with engine:
+            results = await asyncio.gather(*(engine.score(r) for r in requests))
+            return list(results), engine.stats.padding_fraction
+
+    packed, pad_packed = asyncio.run(run(EngineConfig(max_wait_ms=20, row_tokens=512)))
+    padded, pad_padded = asyncio.run(run(EngineConfig(max_wait_ms=20, pack_rows=False, share_prefixes=False)))
+    for a, b in zip(packed, padded, strict=True):
+        for sa, sb in zip(_scores(a), _scores(b), strict=True):
+            np.testing.assert_allclose(sa, sb, atol=1e-5, rtol=0)
+    assert pad_packed < pad_padded
+
+
+def test_request_larger_than_the_budget_is_split_not_rejected(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("trl")
+    big = ScoreRequest("p?", [[f"step {i} of candidate {k}." for i in range(6)] for k in range(40)])
+
+    async def run() -> None:
+        engine, backend = _engine(bundle, EngineConfig(max_batch_tokens=256, row_tokens=256))
+        async with engine:
+            result = await engine.score(big)
+            alone = [await engine.score(ScoreRequest("p?", [c])) for c in big.candidates[:5]]
+        assert len(result.candidates) == 40
+        assert len(backend.batches) > 2 and all(b.tokens_computed <= 256 for b in backend.batches)
+        for a, got in zip(alone, result.candidates, strict=False):
+            np.testing.assert_allclose(got.step_scores, a.candidates[0].step_scores, atol=1e-5)
+
+    asyncio.run(run())
+
+
+def _marked(token: int, n: int = 20) -> ScoreRequest:
+    return ScoreRequest("", [TokenIds([token] * n, [n - 1])], request_id=f"marker-{token}")
+
+
+def test_cancelled_and_expired_requests_are_dropped_before_compute(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("trl")
+
+    async def run() -> None:
+        engine, backend = _engine(bundle, EngineConfig(max_wait_ms=0), delay=0.3)
+        async with engine:
+            busy = asyncio.create_task(engine.score(_marked(11)))  # occupies the device
+            await asyncio.sleep(0.05)
+            doomed = asyncio.create_task(engine.score(_marked(12)))
+            expiring = asyncio.create_task(
+                engine.score(ScoreRequest("", [TokenIds([13] * 20, [19])], deadline=time.monotonic() + 0.05))
+            )
+            kept = asyncio.create_task(engine.score(_marked(14)))
+            await asyncio.sleep(0.05)
+            doomed.cancel()
+            await busy
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+            with pytest.raises(DeadlineExceeded):
+                await expiring
+            await kept
+            assert engine.queue_depth == 0 and engine.queued_tokens == 0
+        assert backend.saw(11) and backend.saw(14)
+        assert not backend.saw(12) and not backend.saw(13)
+        assert engine.stats.dropped >= 2
+
+    asyncio.run(run())
+
+
+def test_overload_is_immediate_and_typed(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("trl")
+
+    async def run() -> None:
+        engine, _ = _engine(bundle, EngineConfig(max_queued_requests=2, max_wait_ms=0), delay=0.2)
+        calls = 0
+        real = engine.formatter.format_request
+
+        def counting(request: ScoreRequest) -> Any:
+            nonlocal calls
+            calls += 1
+            return real(request)
+
+        engine.formatter.format_request = counting  # type: ignore[method-assign]
+        async with engine:
+            first = [asyncio.create_task(engine.score(_marked(20 + i))) for i in range(2)]
+            await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            with pytest.raises(Overloaded, match="queue full"):
+                await engine.score(_marked(30))
+            assert time.perf_counter() - started < 0.05
+            assert calls == 2  # refused before tokenization
+            await asyncio.gather(*first)
+            await engine.score(_marked(31))  # room again once the queue drains
+
+    asyncio.run(run())
+
+
+def test_nan_output_is_an_error_for_that_request_only(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("trl")
+
+    async def run() -> None:
+        engine, _ = _engine(bundle, EngineConfig(max_wait_ms=20, pack_rows=False), nan_token=41)
+        async with engine:
+            bad, good = await asyncio.gather(engine.score(_marked(41)), engine.score(_marked(42)), return_exceptions=True)
+        assert isinstance(bad, ModelOutputError)
+        assert isinstance(good, ScoreResult) and np.isfinite(good.candidates[0].step_scores).all()
+
+    asyncio.run(run())
+
+
+def test_invalid_requests_name_the_field(tiny_bundle: Callable[..., Path]) -> None:
+    with SyncEngine(tiny_bundle("trl")) as engine:
+        for request, field in [
+            (ScoreRequest("p", []), "candidates"),
+            (ScoreRequest("p", [["ok", "  "]]), r"candidates\[0\].steps\[1\]"),
+            (ScoreRequest("p", [[]]), r"candidates\[0\]"),
+            (ScoreRequest("p", [["a"]], aggregates=("median",)), "aggregates"),
+            (ScoreRequest("p", [["a"]], soft_min_temperature=0.0), "soft_min_temperature"),
+        ]:
+            with pytest.raises(InvalidRequest, match=field):
+                engine.score(request)
+        result = engine.score("p", [["a", "b"]], aggregates=("min", "product", "mean", "last", "soft_min"))
+        s = np.array(result.candidates[0].step_scores)
+        aggs = result.candidates[0].aggregates
+        assert aggs["min"] == pytest.approx(s.min()) and aggs["product"] == pytest.approx(s.prod())
+        assert aggs["mean"] == pytest.approx(s.mean()) and aggs["last"] == pytest.approx(s[-1])
+        assert s.min() <= aggs["soft_min"] <= s.mean()
+
+
+def test_stress_every_accepted_request_is_answered_once(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+    requests = _requests(3, 300)
+
+    async def run() -> None:
+        engine, backend = _engine(
+            bundle, EngineConfig(max_batch_tokens=2048, row_tokens=512, max_queued_requests=250, max_wait_ms=1)
+        )
+        answers: dict[str, int] = {}
+        outcomes = {"ok": 0, "overloaded": 0, "cancelled": 0}
+        rng = random.Random(7)
+
+        async def caller(req: ScoreRequest) -> None:
+            await asyncio.sleep(rng.random() * 0.2)
+            task = asyncio.create_task(engine.score(req))
+            if rng.random() < 0.1:
+                await asyncio.sleep(rng.random() * 0.01)
+                task.cancel()
+            try:
+                result = await task
+            except Overloaded:
+                outcomes["overloaded"] += 1
+                return
+            except (asyncio.CancelledError, Cancelled):
+                outcomes["cancelled"] += 1
+                return
+            answers[req.request_id] = answers.get(req.request_id, 0) + 1
+            assert len(result.candidates) == len(req.candidates)
+            for cand, steps in zip(result.candidates, req.candidates, strict=True):
+                assert len(cand.step_scores) == len(steps)
+            outcomes["ok"] += 1
+
+        async with engine:
+            await asyncio.gather(*(caller(r) for r in requests))
+            assert engine.queue_depth == 0 and engine.queued_tokens == 0
+        assert sum(outcomes.values()) == len(requests)
+        assert all(v == 1 for v in answers.values())
+        assert outcomes["ok"] > 200
+        assert len(backend.batches) < outcomes["ok"]  # requests were batched together
+
+    asyncio.run(run())
