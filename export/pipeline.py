@@ -106,6 +106,7 @@ def export_model(
 
     # 1. load: read config, tokenizer, weights index; decide everything
     model_dir = resolve_model(model)
+    options = options.with_hints(model_dir)
     tok = load_tokenizer(model_dir, tokenizer)
     weights = WeightStore(model_dir)
     plan = plan_export(model_dir, tok, weights, options)

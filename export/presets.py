@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
 from stepscore.runtime.bundle import Family
 
@@ -46,3 +49,25 @@ class ExportOptions:
     activation: str | None = None
     max_seq_len: int | None = None
     chat_template: bool = True
+
+    def with_hints(self, model_dir: Path) -> ExportOptions:
+        """Defaults from the model folder's `stepscore.json` (export options a model ships with), for
+        every option the user left unset."""
+        path = model_dir / "stepscore.json"
+        if not path.is_file():
+            return self
+        from stepscore.errors import ExportError
+
+        try:
+            hints: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{path}: not JSON ({exc})") from exc
+        known = {f.name for f in fields(self)}
+        unknown = set(hints) - known
+        if unknown:
+            raise ExportError(f"{path}: unknown export options {sorted(unknown)}; known: {sorted(known)}")
+        if "candidates" in hints and hints["candidates"] is not None:
+            hints["candidates"] = tuple(hints["candidates"])
+        unset = {k: v for k, v in hints.items() if getattr(self, k) is None}
+        return replace(self, **unset)
+

@@ -171,9 +171,11 @@ def add_parsers(sub: Any) -> None:
     add_engine_args(p)
     p.set_defaults(run=run_score)
 
+    from stepscore.runtime.default_model import demo
     from stepscore.runtime.service import cli as service_cli
 
     service_cli.add_parsers(sub)
+    demo.add_parser(sub)
 
 
 def parse_line(obj: Any) -> ScoreRequest:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 OPS = ("+", "-", "*")
 STEP_RE = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")
-MAX_VALUE = 99
+MAX_VALUE = 50
 
 
 def apply(a: int, op: str, b: int) -> int:
@@ -43,7 +43,7 @@ class Problem:
 
     @property
     def text(self) -> str:
-        return f"Compute {self.expression}."
+        return self.expression
 
     def values(self) -> list[int]:
         out, v = [], self.start
@@ -66,18 +66,18 @@ class Problem:
 
 
 def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> Problem:
-    """Values stay below 100 and multipliers are single digits: small enough for a CPU-trained model to
-    verify every step, large enough that slips look like real ones."""
+    """Values stay within 0..MAX_VALUE and second operands are single digits: small enough for a model
+    trained for three minutes on a CPU to check every step, rich enough for every kind of slip."""
     v = rng.randint(2, 20)
     start, ops = v, []
     for _ in range(rng.randint(min_steps, max_steps)):
-        choices = [op for op in OPS if not (op == "*" and v * 2 > MAX_VALUE) and not (op == "-" and v < 3)
-                   and not (op == "+" and v > MAX_VALUE - 2)]
+        choices = [op for op in OPS if not (op == "*" and v * 2 > MAX_VALUE) and not (op == "-" and v < 2)
+                   and not (op == "+" and v >= MAX_VALUE)]
         op = rng.choice(choices)
         if op == "+":
-            b = rng.randint(1, min(20, MAX_VALUE - v))
+            b = rng.randint(1, min(9, MAX_VALUE - v))
         elif op == "-":
-            b = rng.randint(1, min(v - 1, 20))
+            b = rng.randint(1, min(9, v - 1))
         else:
             b = rng.randint(2, min(9, MAX_VALUE // v))
         v = apply(v, op, b)
@@ -113,9 +113,14 @@ def verify(problem: Problem, steps: Sequence[str]) -> list[bool]:
     return labels
 
 
-def _mistake(rng: random.Random, a: int, op: str, b: int) -> tuple[int, str, int, int]:
+MISTAKES = ("result", "operand", "copy", "operation")
+
+
+def _mistake(
+    rng: random.Random, a: int, op: str, b: int, weights: Sequence[float] | None = None
+) -> tuple[int, str, int, int]:
     """One wrong step (a, op, b, c) in one of four ways; never accidentally right."""
-    kind = rng.choice(("result", "operand", "copy", "operation"))
+    kind = rng.choices(MISTAKES, weights=weights)[0]
     for _ in range(20):
         aa, oo, bb = a, op, b
         if kind == "result":
@@ -124,8 +129,9 @@ def _mistake(rng: random.Random, a: int, op: str, b: int) -> tuple[int, str, int
         if kind == "operand":
             bb = max(1, b + rng.choice([-2, -1, 1, 2, 3]))
         elif kind == "copy":
-            digits = str(a)
-            aa = int(digits[::-1]) if len(digits) > 1 and digits[::-1] != digits else a + rng.choice([-1, 1, 10])
+            digits = str(abs(a))
+            swapped = int(digits[::-1]) * (1 if a >= 0 else -1)
+            aa = swapped if swapped != a else a + rng.choice([-1, 1, 10])
         else:
             oo = rng.choice([o for o in OPS if o != op])
         c = apply(aa, oo, bb)
@@ -135,7 +141,13 @@ def _mistake(rng: random.Random, a: int, op: str, b: int) -> tuple[int, str, int
     return a, op, b, apply(a, op, b) + 1
 
 
-def sample_chain(problem: Problem, rng: random.Random, p_error: float = 0.5, trap: int | None = None) -> Chain:
+def sample_chain(
+    problem: Problem,
+    rng: random.Random,
+    p_error: float = 0.5,
+    trap: int | None = None,
+    mistake_weights: Sequence[float] | None = None,
+) -> Chain:
     """The noisy policy. With probability p_error one step goes wrong (at `trap`'s step with its
     seeded mistake half of the time, so wrong answers repeat as an LLM's would); later steps carry the
     wrong value forward correctly."""
@@ -151,7 +163,7 @@ def sample_chain(problem: Problem, rng: random.Random, p_error: float = 0.5, tra
     steps, v = [], problem.start
     for k, (op, b) in enumerate(problem.ops):
         if k == error_at:
-            a2, op2, b2, c = _mistake(mistake_rng, v, op, b)
+            a2, op2, b2, c = _mistake(mistake_rng, v, op, b, mistake_weights)
             steps.append(f"{a2}{op2}{b2}={c}")
         else:
             c = apply(v, op, b)
@@ -160,6 +172,25 @@ def sample_chain(problem: Problem, rng: random.Random, p_error: float = 0.5, tra
     labels = verify(problem, steps)
     first = labels.index(False) if False in labels else -1
     return Chain(steps, labels, first)
+
+
+def sample_training_chain(
+    problem: Problem, rng: random.Random, p_step_error: float, mistake_weights: Sequence[float] | None = None
+) -> Chain:
+    """Training chains: every step goes wrong independently, so one chain teaches several slips.
+
+    Later steps carry the stated (possibly wrong) value forward, as the policy does."""
+    steps, v = [], problem.start
+    for op, b in problem.ops:
+        if rng.random() < p_step_error:
+            a2, op2, b2, c = _mistake(rng, v, op, b, mistake_weights)
+            steps.append(f"{a2}{op2}{b2}={c}")
+        else:
+            c = apply(v, op, b)
+            steps.append(f"{v}{op}{b}={c}")
+        v = c
+    labels = verify(problem, steps)
+    return Chain(steps, labels, labels.index(False) if False in labels else -1)
 
 
 def majority_vote(chains: Sequence[Chain], rng: random.Random) -> Chain:

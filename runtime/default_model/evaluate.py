@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from stepscore.runtime.default_model.arith import Chain, Problem, make_problem, majority_vote, sample_chain
+from stepscore.runtime.default_model.arith import Chain, Problem, majority_vote, make_problem, sample_chain
 
 # scores for a batch of (problem, chains): one array of step scores per chain
 Scorer = Callable[[Sequence[tuple[Problem, Sequence[Chain]]]], list[list[npt.NDArray[np.float64]]]]

@@ -24,25 +24,38 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.runtime.bundle import FormatSpec
-from stepscore.runtime.default_model.arith import STEP_RE, Chain, Problem, apply, make_problem, sample_chain
+from stepscore.runtime.default_model.arith import (
+    STEP_RE,
+    Chain,
+    Problem,
+    apply,
+    make_problem,
+    sample_training_chain,
+)
 from stepscore.runtime.default_model.evaluate import best_of_n, held_out, step_quality
 from stepscore.runtime.formatting import Formatter
 from stepscore.runtime.types import ScoreRequest
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>", "<unk>"]
+# Role markers are single special tokens: a chat template of the Qwen kind at a fraction of the tokens.
+SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<extra_0>", "<unk>"]
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|' + message['role'] + '|>' + message['content'] }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
 )
 EXPORT_OPTIONS = {"preset": "qwen-prm", "system_prompt": ""}
-ARCH = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 384}
+ARCH = {"hidden_size": 96, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 6,
+        "intermediate_size": 288}
 MAX_POSITIONS = 512
 
-# (token ids, labelled positions, labels): the tags carry step labels, step characters dense labels
-Example = tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64]]
+# token ids; step-character positions and their local labels; tag positions and their PRM labels
+Example = tuple[
+    npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]
+# Every training step goes wrong with this probability, independently: one chain teaches several slips.
+P_STEP_ERROR = 0.3
+# Training oversamples the slips that take longest to learn (a wrong result, a wrong operand); the
+# held-out evaluation and the demo use the policy's own even mix.
+TRAIN_MISTAKE_WEIGHTS = (0.35, 0.35, 0.15, 0.15)
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -56,7 +69,7 @@ def write_tokenizer(folder: Path) -> None:
     tok.decoder = decoders.BPEDecoder()
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}
+    config = {"bos_token": None, "eos_token": "<|end|>", "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
     (folder / "stepscore.json").write_text(json.dumps(EXPORT_OPTIONS, indent=1) + "\n", encoding="utf-8")
 
@@ -73,54 +86,37 @@ def format_spec(folder: Path) -> tuple[FormatSpec, int]:
     return spec, tok.vocab_size
 
 
-def token_labels(problem: Problem, chain: Chain) -> list[list[bool]]:
-    """Per character of every step: is the chain so far still the start of a right solution?
+def local_labels(problem: Problem, chain: Chain) -> list[list[bool]]:
+    """Per character of every step: is this step, so far, a right step from the value before it?
 
-    The tag after a step carries the step's label (the PRM target). Labelling every character as well
-    gives the body dense supervision of where a chain goes wrong (a wrong digit is wrong the moment it
-    appears); tag labels alone train the verifier many times slower.
+    These dense labels train an auxiliary head (not exported) to spot a slip the moment it appears; the
+    exported head reads the tags, whose labels keep the PRM meaning (this step and all before it right).
     """
-    out, ok, carried = [], True, problem.start
+    out, carried = [], problem.start
     for k, step in enumerate(chain.steps):
-        if ok and k < len(problem.ops):
-            op, b = problem.ops[k]
-            right = f"{carried}{op}{b}={apply(carried, op, b)}"
-        else:
-            right = ""
-        chars = []
-        for j in range(len(step)):
-            ok = ok and step[: j + 1] == right[: j + 1]
-            chars.append(ok)
-        ok = ok and step == right
-        out.append(chars)
+        op, b = problem.ops[k] if k < len(problem.ops) else ("?", 0)
+        right = f"{carried}{op}{b}={apply(carried, op, b)}" if op != "?" else ""
+        out.append([step[: j + 1] == right[: j + 1] for j in range(len(step))])
         m = STEP_RE.match(step)
         carried = int(m.group(4)) if m else carried
     return out
 
 
-def make_examples(formatter: Formatter, rng: random.Random, n: int, p_error: float = 0.6) -> list[Example]:
+def make_examples(formatter: Formatter, rng: random.Random, n: int) -> list[Example]:
     out = []
     while len(out) < n:
         problem = make_problem(rng)
-        chain = sample_chain(problem, rng, p_error, trap=rng.randrange(1 << 30))
+        chain = sample_training_chain(problem, rng, P_STEP_ERROR, TRAIN_MISTAKE_WEIGHTS)
         item = formatter.format_request(ScoreRequest(problem.text, [chain.steps]))[0]
-        positions: list[int] = []
-        labels: list[bool] = []
-        for read, step, chars, tag_label in zip(
-            item.reads, chain.steps, token_labels(problem, chain), chain.labels, strict=True
-        ):
+        chars: list[int] = []
+        char_labels: list[bool] = []
+        for read, step, local in zip(item.reads, chain.steps, local_labels(problem, chain), strict=True):
             # one character is one token here: step k is the len(step) tokens before its tag
-            positions += [*range(int(read) - len(step), int(read)), int(read)]
-            labels += [*chars, tag_label]
-        out.append((item.ids, np.array(positions, np.int64), np.array(labels, np.int64)))
+            chars += range(int(read) - len(step), int(read))
+            char_labels += local
+        out.append((item.ids, np.array(chars, np.int64), np.array(char_labels, np.int64),
+                    item.reads.astype(np.int64), np.array(chain.labels, np.int64)))
     return out
-
-
-def _lm_end(positions: npt.NDArray[np.int64], labels: npt.NDArray[np.int64]) -> int:
-    """Next-token targets run up to the last token that is still right: an auxiliary language-model
-    loss on right steps teaches the body the arithmetic the verifier must check."""
-    wrong = np.flatnonzero(labels == 0)
-    return int(positions[wrong[0]]) - 1 if wrong.size else int(positions[-1])
 
 
 class Model:
@@ -137,7 +133,8 @@ class Model:
         self.body = Qwen2Model(self.config)
         h = self.config.hidden_size
         self.head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
-        self.params = list(self.body.parameters()) + list(self.head.parameters())
+        self.aux = torch.nn.Linear(h, 2)  # training only: the local verdict at every step character
+        self.params = [*self.body.parameters(), *self.head.parameters(), *self.aux.parameters()]
 
     def hidden(self, ids: Any, mask: Any) -> Any:
         return self.body(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -145,6 +142,7 @@ class Model:
     def train(self, mode: bool) -> None:
         self.body.train(mode)
         self.head.train(mode)
+        self.aux.train(mode)
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -158,26 +156,29 @@ class Model:
         (folder / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def collate(batch: Sequence[Example]) -> tuple[Any, ...]:
+def collate(batch: Sequence[Example]) -> dict[str, Any]:
     import torch
 
-    width = max(len(ids) for ids, _, _ in batch)
+    width = max(len(ex[0]) for ex in batch)
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    # next-token targets where the next token is right: teaches the body the arithmetic it checks
     lm_targets = torch.full((len(batch), width), -100, dtype=torch.long)
-    rows: list[int] = []
-    cols: list[int] = []
-    labels: list[int] = []
-    for r, (seq, positions, lab) in enumerate(batch):
+    lists: dict[str, list[int]] = {k: [] for k in ("char_rows", "char_cols", "char_labels", "tag_rows", "tag_cols",
+                                                   "tag_labels")}
+    for r, (seq, chars, char_labels, tags, tag_labels) in enumerate(batch):
         t = torch.as_tensor(seq.astype(np.int64))
         ids[r, : len(seq)] = t
         mask[r, : len(seq)] = 1
-        end = _lm_end(positions, lab)
-        lm_targets[r, :end] = t[1 : end + 1]
-        rows += [r] * len(positions)
-        cols += positions.tolist()
-        labels += lab.tolist()
-    return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels), lm_targets
+        good = torch.as_tensor(chars[char_labels == 1])
+        lm_targets[r, good - 1] = t[good]
+        lists["char_rows"] += [r] * len(chars)
+        lists["char_cols"] += chars.tolist()
+        lists["char_labels"] += char_labels.tolist()
+        lists["tag_rows"] += [r] * len(tags)
+        lists["tag_cols"] += tags.tolist()
+        lists["tag_labels"] += tag_labels.tolist()
+    return {"ids": ids, "mask": mask, "lm_targets": lm_targets, **{k: torch.tensor(v) for k, v in lists.items()}}
 
 
 def train(
@@ -188,6 +189,7 @@ def train(
     seed: int,
     lm_weight: float = 1.0,
     arch: dict[str, int] | None = None,
+    weight_decay: float = 0.01,
     log_every: int = 100,
 ) -> Model:
     import torch
@@ -196,7 +198,7 @@ def train(
     spec, vocab = format_spec(out)
     formatter = Formatter(spec, out / "tokenizer.json", vocab, MAX_POSITIONS)
     model = Model(vocab, seed, arch)
-    opt = torch.optim.AdamW(model.params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
@@ -205,15 +207,15 @@ def train(
     started = time.perf_counter()
     model.train(True)
     for step in range(1, steps + 1):
-        ids, mask, rows, cols, labels, lm_targets = collate(make_examples(formatter, rng, batch_size))
-        hidden = model.hidden(ids, mask)
-        step_loss = torch.nn.functional.cross_entropy(model.head(hidden[rows, cols]), labels)
+        b = collate(make_examples(formatter, rng, batch_size))
+        hidden = model.hidden(b["ids"], b["mask"])
+        ce = torch.nn.functional.cross_entropy
+        step_loss = ce(model.head(hidden[b["tag_rows"], b["tag_cols"]]), b["tag_labels"])
+        char_loss = ce(model.aux(hidden[b["char_rows"], b["char_cols"]]), b["char_labels"])
         # the auxiliary next-token loss goes through the embedding matrix (not exported)
         lm_logits = hidden @ model.body.embed_tokens.weight.T
-        lm_loss = torch.nn.functional.cross_entropy(
-            lm_logits.reshape(-1, lm_logits.shape[-1]), lm_targets.reshape(-1), ignore_index=-100
-        )
-        loss = step_loss + lm_weight * lm_loss
+        lm_loss = ce(lm_logits.reshape(-1, lm_logits.shape[-1]), b["lm_targets"].reshape(-1), ignore_index=-100)
+        loss = step_loss + char_loss + lm_weight * lm_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.params, 1.0)
@@ -221,7 +223,8 @@ def train(
         sched.step()
         if step % log_every == 0 or step == steps:
             print(
-                f"step {step:5d}/{steps}  verifier loss {step_loss.item():.4f}  lm loss {lm_loss.item():.4f}  "
+                f"step {step:5d}/{steps}  step loss {step_loss.item():.4f}  char loss {char_loss.item():.4f}  "
+                f"lm loss {lm_loss.item():.4f}  "
                 f"{time.perf_counter() - started:6.1f}s",
                 flush=True,
             )
@@ -238,9 +241,18 @@ def torch_scorer(model: Model, formatter: Formatter) -> Any:
         with torch.no_grad():
             for problem, chains in data:
                 items = formatter.format_request(ScoreRequest(problem.text, [c.steps for c in chains]))
-                batch = [(i.ids, i.reads.astype(np.int64), np.ones(len(i.reads), np.int64)) for i in items]
-                ids, mask, rows, cols, *_ = collate(batch)
-                probs = torch.softmax(model.head(model.hidden(ids, mask)[rows, cols]), -1)[:, 1].double().numpy()
+                width = max(i.num_tokens for i in items)
+                ids = torch.zeros((len(items), width), dtype=torch.long)
+                mask = torch.zeros((len(items), width), dtype=torch.long)
+                rows: list[int] = []
+                cols: list[int] = []
+                for r, item in enumerate(items):
+                    ids[r, : item.num_tokens] = torch.as_tensor(item.ids.astype(np.int64))
+                    mask[r, : item.num_tokens] = 1
+                    rows += [r] * len(item.reads)
+                    cols += item.reads.tolist()
+                hidden = model.hidden(ids, mask)[torch.tensor(rows), torch.tensor(cols)]
+                probs = torch.softmax(model.head(hidden), -1)[:, 1].double().numpy()
                 out.append(list(np.split(probs, np.cumsum([len(i.reads) for i in items])[:-1])))
         return out
 
@@ -250,20 +262,26 @@ def torch_scorer(model: Model, formatter: Formatter) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2800)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the auxiliary next-token loss")
     p.add_argument("--hidden", type=int, default=ARCH["hidden_size"])
     p.add_argument("--layers", type=int, default=ARCH["num_hidden_layers"])
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--mlp-ratio", type=int, default=ARCH["intermediate_size"] // ARCH["hidden_size"])
     args = p.parse_args(argv)
     import torch
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    arch = {**ARCH, "hidden_size": args.hidden, "num_hidden_layers": args.layers, "intermediate_size": 3 * args.hidden}
-    model = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.lm_weight, arch)
+    heads = args.hidden // 16
+    arch = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "intermediate_size": args.mlp_ratio * args.hidden,
+            "num_attention_heads": heads, "num_key_value_heads": heads}
+    model = train(
+        args.out, args.steps, args.batch_size, args.lr, args.seed, args.lm_weight, arch, args.weight_decay
+    )
     trained = time.perf_counter() - started
     spec, vocab = format_spec(args.out)
     scorer = torch_scorer(model, Formatter(spec, args.out / "tokenizer.json", vocab, MAX_POSITIONS))

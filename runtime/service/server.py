@@ -22,9 +22,8 @@ from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.auth import BearerTokenInterceptor
 from stepscore.runtime.service.config import ServerConfig
 from stepscore.runtime.service.metrics import Metrics
-from stepscore.runtime.service.servicer import StepScorerServicer
+from stepscore.runtime.service.servicer import StepScorerServicer, register
 from stepscore.v1 import stepscore_pb2 as pb
-from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
 
 log = logging.getLogger("stepscore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StepScorer"].full_name
@@ -45,7 +44,7 @@ class Server:
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_StepScorerServicer_to_server(StepScorerServicer(engine, config, self.metrics), self.server)
+        register(StepScorerServicer(engine, config, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             from grpc_reflection.v1alpha import reflection

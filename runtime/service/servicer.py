@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from stepscore.errors import InvalidRequest
 from stepscore.runtime.engine import Engine
@@ -23,6 +25,48 @@ from stepscore.runtime.service.status import to_status
 from stepscore.runtime.types import AGGREGATES, ScoreResult
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request that did not parse (e.g. invalid UTF-8 in a string field): answered INVALID_ARGUMENT
+    by the handler, instead of gRPC's generic INTERNAL for a deserializer failure."""
+
+    reason: str
+
+
+def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc) or "malformed message")
+
+    return deserialize
+
+
+def register(servicer: StepScorerServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_StepScorerServicer_to_server, with deserializers that never throw."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=_safe(pb.ScoreRequest.FromString),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=_safe(pb.ScoreRequest.FromString),
+            response_serializer=pb.ScoreStreamResponse.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info,
+            request_deserializer=_safe(pb.InfoRequest.FromString),
+            response_serializer=pb.InfoResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["StepScorer"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
@@ -38,6 +82,8 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
         return None if remaining is None else time.monotonic() + remaining
 
     async def _score(self, msg: Any, deadline: float | None) -> ScoreResult:
+        if isinstance(msg, Undecodable):
+            raise InvalidRequest("request", f"not a valid ScoreRequest ({msg.reason}; strings must be UTF-8)")
         size = msg.ByteSize()
         if size > self._config.max_receive_message_bytes:
             raise InvalidRequest(
@@ -51,7 +97,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
 
     # -- RPCs -----------------------------------------------------------------------------------
 
-    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC's name
+    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         try:
             result = await self._score(request, self._deadline(context))
@@ -65,7 +111,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
         self._observe("Score", grpc.StatusCode.OK, started, result)
         return result_to_proto(result)
 
-    async def ScoreStream(  # noqa: N802 - gRPC's name
+    async def ScoreStream(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         answers: asyncio.Queue[Any] = asyncio.Queue()
@@ -75,7 +121,10 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
 
         async def one(msg: Any) -> None:
             started = time.perf_counter()
+            request_id = "" if isinstance(msg, Undecodable) else msg.request_id
             try:
+                if isinstance(msg, Undecodable):
+                    await self._score(msg, None)  # raises INVALID_ARGUMENT for this message
                 if not msg.request_id:
                     raise InvalidRequest("request_id", "is required on a stream (responses come back out of order)")
                 if msg.request_id in seen:
@@ -94,7 +143,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
                 code, message, field = to_status(exc)
                 self._observe("ScoreStream", code, started, None)
                 error = pb.Error(code=code.value[0], message=message, field=field)
-                await answers.put(pb.ScoreStreamResponse(request_id=msg.request_id, error=error))
+                await answers.put(pb.ScoreStreamResponse(request_id=request_id, error=error))
 
         async def read() -> None:
             async for msg in request_iterator:
@@ -119,7 +168,8 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
             for task in list(pending):
                 task.cancel()
 
-    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC's name
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        del request, context  # no fields
         info = self._engine.info()
         cfg = self._engine.config
         return pb.InfoResponse(

@@ -1,0 +1,286 @@
+"""The service's promises, each checked against a real `stepscore serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stepscore.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unauthenticated, Unavailable
+from stepscore.runtime.client import AsyncClient, Client
+from stepscore.runtime.types import ScoreRequest, TokenIds
+from stepscore.v1 import stepscore_pb2 as pb
+from tests.helpers.server import ServerProcess, serve
+
+PROBLEM = "What is (2+3)*4?"
+GOOD = ["2+3=5.", "5*4=20.", "The answer is 20."]
+
+
+def _heavy(n: int = 120, steps: int = 8) -> list[list[str]]:
+    """A request that keeps a CPU busy for a while (many candidates, nothing shared)."""
+    return [[f"candidate {k} step {i}: {k * 31 + i} plus {i} is {k * 31 + 2 * i}." for i in range(steps)] for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle: Callable[..., Path]) -> Path:
+    return tiny_bundle("qwen-prm")
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[ServerProcess]:
+    with serve(bundle, "--reflection", "--max-receive-message-bytes", "8192") as s:
+        yield s
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unary_info_and_health(server: ServerProcess) -> None:
+    with Client(server.target) as client:
+        client.wait_ready()
+        result = client.score(PROBLEM, [GOOD, GOOD[:1]], aggregates=["min", "soft_min"], request_id="r1")
+        assert result.request_id == "r1"
+        assert [len(c.step_scores) for c in result.candidates] == [3, 1]
+        assert set(result.candidates[0].aggregates) == {"min", "soft_min"}
+        assert result.timing.total_ms >= result.timing.compute_ms > 0
+        no_steps = client.score(PROBLEM, [GOOD], return_step_scores=False, aggregates=["last"])
+        assert no_steps.candidates[0].step_scores == [] and "last" in no_steps.candidates[0].aggregates
+        info = client.info()
+        assert info["family"] == "token_cls" and info["preset"] == "qwen-prm" and info["max_seq_len"] > 0
+        assert "soft_min" in info["aggregates"] and info["manifest"]["format"]["step"]
+    channel = grpc.insecure_channel(server.target)
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="stepscore.v1.StepScorer"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+
+
+def test_stream_answers_out_of_order(server: ServerProcess) -> None:
+    async def run() -> list[str]:
+        async with AsyncClient(server.target) as client:
+            requests = [ScoreRequest(PROBLEM, _heavy(150), request_id="slow")]
+            requests += [ScoreRequest(PROBLEM, [GOOD], request_id=f"fast{i}") for i in range(5)]
+            requests += [ScoreRequest(PROBLEM, [["ok", ""]], request_id="bad")]
+            order = []
+            async for item in client.score_stream(requests):
+                order.append(item.request_id)
+                if item.request_id == "bad":
+                    assert isinstance(item.error, InvalidRequest) and item.error.field == "candidates[0].steps[1]"
+                else:
+                    assert item.result is not None and item.result.request_id == item.request_id
+            return order
+
+    order = asyncio.run(run())
+    assert sorted(order) == sorted(["slow", "bad", *[f"fast{i}" for i in range(5)]])  # each exactly once
+    assert order[-1] == "slow"  # the slow request held up nobody
+
+
+@pytest.mark.parametrize(
+    ("candidates", "extra", "field"),
+    [
+        ([], {}, "candidates"),
+        ([["fine", ""]], {}, r"candidates\[0\].steps\[1\]"),
+        ([GOOD], {"aggregates": ["median"]}, "aggregates"),
+        ([TokenIds([1, 2, 10**9], [2])], {}, r"candidates\[0\].ids\[2\]"),
+        ([["word " * 400]], {}, r"candidates\[0\]"),  # over the 512-token context, no truncation
+    ],
+)
+def test_invalid_input_names_the_field(server: ServerProcess, candidates: list, extra: dict, field: str) -> None:
+    with Client(server.target) as client, pytest.raises(InvalidRequest, match=field) as info:
+        client.score(PROBLEM, candidates, **extra)
+    assert info.value.field
+
+
+def test_left_truncation_over_grpc(server: ServerProcess) -> None:
+    steps = [f"step {i} adds {i}." for i in range(60)]
+    with Client(server.target) as client:
+        result = client.score(PROBLEM, [steps], truncate_left=True)
+    cand = result.candidates[0]
+    assert cand.num_truncated_steps > 0 and len(cand.step_scores) == 60 - cand.num_truncated_steps
+    assert cand.num_tokens <= 512
+
+
+def test_message_size_limit_and_bad_bytes(server: ServerProcess) -> None:
+    channel = grpc.insecure_channel(server.target)
+    raw = channel.unary_unary("/stepscore.v1.StepScorer/Score")  # bytes in, bytes out
+    big = pb.ScoreRequest(problem="x" * 10_000, candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))])
+    with pytest.raises(grpc.RpcError) as err:
+        raw(big.SerializeToString())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the limit" in err.value.details()
+    bad_utf8 = b"\x12\x03\xff\xfe\xfd"  # field 2 (problem) holding invalid UTF-8
+    with pytest.raises(grpc.RpcError) as err:
+        raw(bad_utf8)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+    channel.close()
+    with Client(server.target) as client:  # still serving
+        assert client.score(PROBLEM, [GOOD]).candidates
+
+
+def test_reflection_lists_the_service(server: ServerProcess) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(server.target)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    channel.close()
+    assert "stepscore.v1.StepScorer" in names and "grpc.health.v1.Health" in names
+
+
+def test_overload_is_immediate_and_admission_is_atomic(bundle: Path) -> None:
+    with serve(bundle, "--max-queued-requests", "3", "--max-batch-tokens", "2048", "--row-tokens", "512") as s:
+
+        def call(_: int) -> tuple[str, float]:
+            started = time.perf_counter()
+            with Client(s.target) as client:
+                try:
+                    client.score(PROBLEM, _heavy(60))
+                    return "ok", time.perf_counter() - started
+                except Overloaded:
+                    return "overloaded", time.perf_counter() - started
+
+        with Client(s.target) as warm:
+            warm.wait_ready()
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, range(16)))
+    ok = [t for o, t in outcomes if o == "ok"]
+    refused = [t for o, t in outcomes if o == "overloaded"]
+    assert 1 <= len(ok) <= 3 + 1  # the cap, plus at most one that slipped in after an answer freed a slot
+    assert len(refused) >= 12
+    assert max(refused) < min(ok)  # refusals come at once, long before any heavy answer
+
+
+def test_deadline_and_cancel_drop_queued_work(bundle: Path) -> None:
+    metrics_port = _free_port()
+    with serve(bundle, "--metrics-port", str(metrics_port), "--max-wait-ms", "0") as s:
+        with Client(s.target) as client:
+            client.wait_ready()
+
+        async def run() -> int:
+            async with AsyncClient(s.target) as client:
+                busy = asyncio.create_task(client.score(PROBLEM, _heavy(150)))
+                await asyncio.sleep(0.3)
+                with pytest.raises(DeadlineExceeded):
+                    await client.score(PROBLEM, [["expiring step"]], timeout=0.2)
+                doomed = asyncio.create_task(client.score(PROBLEM, [["cancelled step"]]))
+                await asyncio.sleep(0.1)
+                doomed.cancel()
+                result = await busy
+                return sum(c.num_tokens for c in result.candidates)
+
+        heavy_tokens = asyncio.run(run())
+        time.sleep(0.5)
+        submitted = _metric(metrics_port, 'stepscore_tokens_total{kind="submitted"}')
+        computed = _metric(metrics_port, "stepscore_batch_tokens_count")
+        codes = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert computed >= 1
+    # only the heavy request's tokens (and the readiness probe's none) reached the model
+    assert submitted == heavy_tokens
+    assert 'code="DEADLINE_EXCEEDED"' in codes and "stepscore_queue_depth" in codes
+
+
+def test_sigterm_drains_then_exits_zero(bundle: Path) -> None:
+    with serve(bundle, "--grace-seconds", "30") as s:
+        with Client(s.target) as client:
+            client.wait_ready()
+        with ThreadPoolExecutor(2) as pool:
+            inflight = pool.submit(lambda: Client(s.target).score(PROBLEM, _heavy(150)))
+            time.sleep(0.5)
+            s.proc.send_signal(15)
+            time.sleep(0.2)
+            channel = grpc.insecure_channel(s.target)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with Client(s.target) as late, pytest.raises(Unavailable):
+                late.score(PROBLEM, [GOOD])
+            channel.close()
+            assert len(inflight.result(timeout=60).candidates) == 150  # in-flight work finished
+        assert s.proc.wait(timeout=30) == 0
+
+
+def test_second_server_on_a_taken_port_fails_clearly(server: ServerProcess, bundle: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), "--port", str(server.port)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "taken" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bearer_token(bundle: Path) -> None:
+    token = "s3cret-token-123"
+    with serve(bundle, env={"STEPSCORE_TOKEN": token}) as s:
+        channel = grpc.insecure_channel(s.target)  # health needs no token
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        channel.close()
+        with Client(s.target) as anonymous, pytest.raises(Unauthenticated):
+            anonymous.score(PROBLEM, [GOOD])
+        with Client(s.target, token="wrong-token-000") as wrong, pytest.raises(Unauthenticated):
+            wrong.score(PROBLEM, [GOOD])
+        with Client(s.target, token=token) as client:
+            assert client.score(PROBLEM, [GOOD]).candidates
+
+        async def stream() -> None:
+            async with AsyncClient(s.target) as client:
+                with pytest.raises(Unauthenticated):
+                    async for _ in client.score_stream([ScoreRequest(PROBLEM, [GOOD], request_id="a")]):
+                        pass
+
+        asyncio.run(stream())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_tls_and_mtls(bundle: Path, tmp_path: Path) -> None:
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=stepscore-test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'localhost' if name == 'server' else 'client'}")
+        (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
+    p = tmp_path
+    tls = ("--tls-cert", str(p / "server.pem"), "--tls-key", str(p / "server.key"))
+    with serve(bundle, *tls) as s:
+        with Client(s.target, root_ca=p / "ca.pem") as client:
+            assert client.score(PROBLEM, [GOOD]).candidates
+        with Client(s.target) as plaintext, pytest.raises(Unavailable):
+            plaintext.score(PROBLEM, [GOOD], timeout=5)
+    with serve(bundle, *tls, "--client-ca", str(p / "ca.pem")) as s:
+        with Client(s.target, root_ca=p / "ca.pem", cert=p / "client.pem", key=p / "client.key") as client:
+            assert client.score(PROBLEM, [GOOD]).candidates
+        with Client(s.target, root_ca=p / "ca.pem") as no_cert, pytest.raises(Unavailable):
+            no_cert.score(PROBLEM, [GOOD], timeout=5)
+
+
+def test_bad_settings_refuse_to_start(bundle: Path) -> None:
+    cases = [
+        (["--tls-cert", "x.pem"], "both a certificate"),
+        (["--row-tokens", "999999"], "row_tokens"),
+        (["--max-receive-message-bytes", "10"], "at least 1024"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "stepscore.cli", "serve", str(bundle), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
