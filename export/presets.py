@@ -70,4 +70,3 @@ class ExportOptions:
             hints["candidates"] = tuple(hints["candidates"])
         unset = {k: v for k, v in hints.items() if getattr(self, k) is None}
         return replace(self, **unset)
-

@@ -31,6 +31,7 @@ class Reference:
         tf_logging: Any = transformers.logging
         verbosity = tf_logging.get_verbosity()
         tf_logging.set_verbosity_error()  # the head's tensors are "unused" by the body: expected
+        tf_logging.disable_progress_bar()  # export prints its own progress
         try:
             self.body = body_cls.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
         finally:

@@ -171,10 +171,12 @@ def add_parsers(sub: Any) -> None:
     add_engine_args(p)
     p.set_defaults(run=run_score)
 
+    from stepscore.runtime.bench import cli as bench_cli
     from stepscore.runtime.default_model import demo
     from stepscore.runtime.service import cli as service_cli
 
     service_cli.add_parsers(sub)
+    bench_cli.add_parser(sub)
     demo.add_parser(sub)
 
 

@@ -15,7 +15,7 @@ from stepscore.runtime.bundle import Manifest
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_tokens: int = 16384  # tokens per engine run: rows x row length, padding included
-    max_wait_ms: float = 2.0  # an idle device waits at most this long for a batch to fill
+    max_wait_ms: float = 1.0  # an idle device waits at most this long for a batch to fill
     max_queued_requests: int = 4096  # admitted and unfinished requests; more is "overloaded"
     max_queued_tokens: int = 2_000_000  # tokens of admitted and unfinished requests
     row_tokens: int = 2048  # target row length for packing; longer candidates get their own row

@@ -159,13 +159,17 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
             pieces.append([(i, 0)])
             sizes.append(int(lengths[i]))
 
-    # 3. rows: first-fit decreasing (or one piece per row when packing is off)
+    # 3. rows: first-fit decreasing into rows as long as the largest piece (or one piece per row when
+    # packing is off). Attention costs the square of the row length, so independent pieces are packed
+    # only up to the length the batch needs anyway; only a shared tree makes a row longer than its
+    # longest candidate, and then it saves more than it costs.
     rows: list[list[int]] = []
     fill: list[int] = []
+    row_capacity = -(-max(sizes) // options.row_multiple) * options.row_multiple
     for p in sorted(range(len(pieces)), key=lambda p: -sizes[p]):
         if options.pack_rows:
             for r in range(len(rows)):
-                if fill[r] + sizes[p] <= capacity:
+                if fill[r] + sizes[p] <= row_capacity:
                     rows[r].append(p)
                     fill[r] += sizes[p]
                     break

@@ -66,12 +66,13 @@ class Problem:
 
 
 def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> Problem:
-    """Values stay within 0..MAX_VALUE and second operands are single digits: small enough for a model
-    trained for three minutes on a CPU to check every step, rich enough for every kind of slip."""
+    """Values stay within 0..MAX_VALUE, second operands are single digits and products are of two
+    digits: small enough for a model trained for three minutes on a CPU to check every step, rich enough
+    for every kind of slip."""
     v = rng.randint(2, 20)
     start, ops = v, []
     for _ in range(rng.randint(min_steps, max_steps)):
-        choices = [op for op in OPS if not (op == "*" and v * 2 > MAX_VALUE) and not (op == "-" and v < 2)
+        choices = [op for op in OPS if not (op == "*" and v > 9) and not (op == "-" and v < 2)
                    and not (op == "+" and v >= MAX_VALUE)]
         op = rng.choice(choices)
         if op == "+":

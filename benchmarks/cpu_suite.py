@@ -1,0 +1,247 @@
+"""CPU benchmarks of the runtime, on the real search traces, written into benchmarks/RESULTS.md.
+
+    python benchmarks/cpu_suite.py runtime     # engine vs one-request-at-a-time ORT vs PyTorch eager (Best-of-N)
+    python benchmarks/cpu_suite.py sharing     # prefix sharing on vs off (beam search, DVTS)
+    python benchmarks/cpu_suite.py grpc        # gRPC service vs the engine in-process
+    python benchmarks/cpu_suite.py all
+
+The model is a small Qwen2-shaped PRM with random weights (speed does not depend on what a model learned)
+and the real Qwen2.5-Math-PRM tokenizer from ../shared/tokenizers, exported to fp32 (faster than fp16 on a
+CPU) into benchmarks/.cache/. Traces are read from ../shared/data. Each section replaces its block in
+RESULTS.md, with the hardware, the commit and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SHARED = ROOT.parent / "shared"
+
+# 8 layers, hidden 384: a 64M-parameter PRM (58M of it the 151k-token embedding table, 9M the body).
+SHAPE = dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+             intermediate_size=1024)  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_model() -> tuple[Path, Path]:
+    """The benchmark PRM: HF folder (random weights, real tokenizer) and its fp32 bundle, cached."""
+    folder, bundle = CACHE / "bench-prm", CACHE / "bench-prm-fp32"
+    if (bundle / "manifest.json").is_file():
+        return folder, bundle
+    tok = SHARED / "tokenizers" / "qwen2.5-math-prm"
+    if not tok.is_dir():
+        raise SystemExit(f"{tok} is missing: the CPU suite needs the real Qwen tokenizer and traces in ../shared")
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(tok / "tokenizer.json.gz", "rb") as fin, (folder / "tokenizer.json").open("wb") as fout:
+        shutil.copyfileobj(fin, fout)
+    shutil.copy(tok / "tokenizer_config.json", folder / "tokenizer_config.json")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, max_position_embeddings=4096, rope_theta=10000.0, **SHAPE)
+    body = Qwen2Model(config)
+    h = config.hidden_size
+    state = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
+    state |= {"score.0.weight": torch.randn(h, h) * 0.02, "score.0.bias": torch.zeros(h),
+              "score.2.weight": torch.randn(2, h) * 0.02, "score.2.bias": torch.zeros(2)}  # fmt: skip
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from stepscore.export.pipeline import export_model
+
+    export_model(str(folder), bundle, precision="fp32", force=True, progress=lambda line: log("  " + line))
+    return folder, bundle
+
+
+def environment() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = re.search(r"Model name:\s*(.+)", out)
+        cores = re.search(r"^CPU\(s\):\s*(\d+)", out, re.M)
+        cpu = f"{model.group(1).strip() if model else cpu}, {cores.group(1) if cores else '?'} cores"
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    import onnxruntime
+    import torch
+
+    return (f"{time.strftime('%Y-%m-%d')}, commit {commit}{' + uncommitted changes' if dirty else ''}, {cpu}, "
+            f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the block between <!-- name --> markers in RESULTS.md (append it if absent)."""
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+    log(f"wrote section {name} of {RESULTS}")
+
+
+async def measure(system: Any, requests: Sequence[Any], concurrency: int, workload: str) -> Any:
+    from stepscore.runtime.bench import closed_loop, summarize, warm_up
+
+    await system.setup()
+    try:
+        await warm_up(system, requests, count=min(4, len(requests)), concurrency=min(concurrency, 4))
+        point = await closed_loop(system, requests, concurrency, workload=workload)
+    finally:
+        await system.close()
+    s = summarize(point)
+    lat = s.latency_ms or {}
+    log(f"  {s.system:<18} c={concurrency:<3} {s.tokens_per_s:9,.0f} tok/s  {s.requests_per_s:7.2f} req/s  "
+        f"p50 {lat.get('p50', float('nan')):8.1f} ms  padding {s.padding_fraction if s.padding_fraction is not None else float('nan'):.3f}"
+        f"  computed/submitted {s.compute_ratio if s.compute_ratio is not None else float('nan'):.3f}  errors {s.errors}")
+    return s
+
+
+def cmd_line() -> str:
+    return "python benchmarks/cpu_suite.py " + " ".join(sys.argv[1:])
+
+
+# --- sections --------------------------------------------------------------------------------------
+
+
+async def runtime_section(args: argparse.Namespace) -> None:
+    """(a) one request at a time through onnxruntime, (b) PyTorch eager padded batches of 8, (c) the
+    engine at concurrency 64, on the Best-of-N N=16 traces."""
+    from stepscore.runtime.bench import EngineSystem, HfEagerSystem, NaiveOrtSystem, load_workload
+    from stepscore.runtime.config import EngineConfig
+
+    folder, bundle = build_model()
+    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
+    log(f"runtime: {len(wl.requests)} Best-of-N requests ({sum(len(r.candidates) for r in wl.requests)} candidates)")
+    a = await measure(NaiveOrtSystem(bundle, threads=args.threads), wl.requests, 1, wl.name)
+    b = await measure(HfEagerSystem(folder, bundle, batch_size=8, dtype="fp32", threads=args.threads), wl.requests, 1, wl.name)
+    c = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, 64, wl.name)
+    body = f"""## Runtime: engine vs one request at a time vs PyTorch eager (CPU)
+
+{environment()}. Command: `{cmd_line()}`.
+Model: Qwen2-shaped PRM, random weights, {SHAPE['num_hidden_layers']} layers x hidden {SHAPE['hidden_size']}
+(9M body + 58M embedding parameters), real Qwen2.5-Math-PRM tokenizer, fp32. Workload: {len(wl.requests)} Best-of-N
+requests (N = 16 completions of one MATH problem each) from the search-and-learn traces (`{wl.source}`).
+
+| system | tokens/s | requests/s | p50 latency | padding | vs (a) | vs (b) |
+|---|---|---|---|---|---|---|
+| (a) onnxruntime, one request at a time, padded | {a.tokens_per_s:,.0f} | {a.requests_per_s:.2f} | {a.latency_ms['p50']:.0f} ms | {a.padding_fraction:.1%} | 1.00x | {a.tokens_per_s / b.tokens_per_s:.2f}x |
+| (b) PyTorch eager, padded batches of 8 | {b.tokens_per_s:,.0f} | {b.requests_per_s:.2f} | {b.latency_ms['p50']:.0f} ms | {b.padding_fraction:.1%} | {b.tokens_per_s / a.tokens_per_s:.2f}x | 1.00x |
+| (c) stepscore engine, 64 concurrent callers | {c.tokens_per_s:,.0f} | {c.requests_per_s:.2f} | {c.latency_ms['p50']:.0f} ms | {c.padding_fraction:.1%} | **{c.tokens_per_s / a.tokens_per_s:.2f}x** | **{c.tokens_per_s / b.tokens_per_s:.2f}x** |
+
+tokens/s counts the candidates' formatted tokens (what a client submits), the same for every system.
+Targets: (c) >= 1.5x (a) and >= 2x (b).
+"""
+    write_section("runtime", body)
+
+
+async def sharing_section(args: argparse.Namespace) -> None:
+    from stepscore.runtime.bench import EngineSystem, load_workload
+    from stepscore.runtime.config import EngineConfig
+
+    _, bundle = build_model()
+    rows = []
+    for name in ("beam", "dvts"):
+        wl = load_workload(name, SHARED / "data", limit=args.requests * 3)
+        log(f"sharing: {name}, {len(wl.requests)} requests")
+        on = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, 16, name)
+        off = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads, share_prefixes=False)),
+                            wl.requests, 16, name)
+        rows.append((name, len(wl.requests), on, off))
+    lines = "\n".join(
+        f"| {name} | {n} | {off.compute_ratio:.3f} | {on.compute_ratio:.3f} | {off.tokens_per_s:,.0f} | {on.tokens_per_s:,.0f} | "
+        f"**{on.tokens_per_s / off.tokens_per_s:.2f}x** |"
+        for name, n, on, off in rows
+    )
+    body = f"""## Shared prefixes: sharing on vs off (CPU)
+
+{environment()}. Command: `{cmd_line()}`. Same model as above; the engine at 16 concurrent callers.
+Workloads rebuilt from the search-and-learn beam-search traces (16 candidates per call, whole prefix + new
+step at every iteration; see `runtime/bench/workloads.py`).
+
+| workload | requests | tokens computed / submitted, off | ... on | tokens/s off | tokens/s on | speed-up |
+|---|---|---|---|---|---|---|
+{lines}
+
+"Tokens computed" counts rows x row length (padding included); "submitted" the candidates' tokens.
+Target: >= 2.5x on the beam workload.
+"""
+    write_section("sharing", body)
+
+
+async def grpc_section(args: argparse.Namespace) -> None:
+    from stepscore.runtime.bench import EngineSystem, ServiceSystem, load_workload
+    from stepscore.runtime.config import EngineConfig
+
+    _, bundle = build_model()
+    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
+    serve_args = ["--threads", str(args.threads)] if args.threads else []
+    out = []
+    for c in (1, 64):
+        log(f"grpc: concurrency {c}")
+        e = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, c, wl.name)
+        s = await measure(ServiceSystem.spawn(bundle, serve_args), wl.requests, c, wl.name)
+        out.append((c, e, s))
+    lines = "\n".join(
+        f"| {c} | {e.tokens_per_s:,.0f} | {s.tokens_per_s:,.0f} | {1 - s.tokens_per_s / e.tokens_per_s:+.1%} | "
+        f"{e.latency_ms['p50']:.1f} ms | {s.latency_ms['p50']:.1f} ms | {s.latency_ms['p50'] - e.latency_ms['p50']:+.1f} ms |"
+        for c, e, s in out
+    )
+    body = f"""## gRPC overhead: the service vs the engine in-process (CPU)
+
+{environment()}. Command: `{cmd_line()}`. Same model; {len(wl.requests)} Best-of-N requests; the server is a
+separate `stepscore serve` process on loopback, the client `stepscore.runtime.client.AsyncClient`.
+
+| concurrency | in-process tokens/s | gRPC tokens/s | throughput lost | in-process p50 | gRPC p50 | added p50 |
+|---|---|---|---|---|---|---|
+{lines}
+
+Targets: <= 15% lower throughput and <= 2 ms added p50.
+"""
+    write_section("grpc", body)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("section", choices=("runtime", "sharing", "grpc", "all"))
+    p.add_argument("--requests", type=int, default=24, help="Best-of-N requests (beam/DVTS: 3x as many iterations)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime / torch threads (0: their default)")
+    args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for name, fn in (("runtime", runtime_section), ("sharing", sharing_section), ("grpc", grpc_section)):
+        if args.section in (name, "all"):
+            asyncio.run(fn(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,478 @@
+"""Workloads: lists of `ScoreRequest`s shaped like real PRM client traffic.
+
+Real traces are read by path from the shared data folder (`../shared/data/`, see its README; never copied
+into the repository). Text only: tokenization happens in the engine or server, with the bundle's own
+tokenizer, exactly as for a real client.
+
+| name           | source                                            | one request is                                  |
+|----------------|---------------------------------------------------|-------------------------------------------------|
+| bon16          | search_traces_sal/*best_of_n_N16*.jsonl.gz        | one problem with its 16 completions             |
+| bon256         | search_traces_sal/*best_of_n_N256*.jsonl.gz       | one problem with its 256 completions            |
+| beam           | search_traces_sal/*beam_search_N16*.jsonl.gz      | one beam-search iteration of one problem        |
+| dvts           | search_traces_sal/*beam_search_N16*.jsonl.gz      | one DVTS iteration of one problem               |
+| processbench   | processbench/*.json.gz                            | one solution (one candidate)                    |
+| synthetic      | generated (Best-of-N length distributions)        | one problem with 16 random-word completions     |
+| synthetic-beam | generated (beam-search length distributions)      | one iteration of a simulated beam search        |
+
+Completions are split into steps on "\\n\\n", as search-and-learn does before calling its PRM; steps that
+are empty after stripping are dropped (no client sends them: the engine refuses empty steps).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepscore.errors import ConfigError
+from stepscore.runtime.types import ScoreRequest, TokenIds
+
+STEP_SPLIT = "\n\n"  # search-and-learn's step delimiter (data README)
+
+# search-and-learn's beam search: n = 16 candidates scored per iteration, the best n / beam_width = 4 kept,
+# each kept beam extended beam_width = 4 times; at most 40 iterations, the last one generating to the end.
+BEAM_N = 16
+BEAM_WIDTH = 4
+BEAM_MAX_ITERATIONS = 40
+
+WORKLOADS: dict[str, str] = {
+    "bon16": "Best-of-N, N = 16: one request per MATH problem with its 16 completions (search-and-learn traces)",
+    "bon256": "Best-of-N, N = 256: one request per MATH problem with its 256 completions (search-and-learn traces)",
+    "beam": "beam search (16 candidates, beam width 4): one request per problem and iteration, whole prefix + new step",
+    "dvts": "DVTS (16 candidates in 4 independent subtrees of width 4): one request per problem and iteration",
+    "processbench": "ProcessBench: one request per solution (one candidate), four subsets interleaved",
+    "synthetic": "random words, Best-of-N N = 16, step counts and step lengths drawn like the Best-of-N traces",
+    "synthetic-beam": "random words, a simulated beam search (16 candidates, width 4), lengths like the beam traces",
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named list of requests, and where they came from."""
+
+    name: str
+    description: str
+    requests: list[ScoreRequest]
+    source: str  # the files read, or how the requests were generated
+
+    @property
+    def num_candidates(self) -> int:
+        return sum(len(r.candidates) for r in self.requests)
+
+    @property
+    def num_steps(self) -> int:
+        return sum(request_steps(r) for r in self.requests)
+
+    def describe(self) -> dict[str, Any]:
+        """Shape statistics for reports."""
+        cands = [len(r.candidates) for r in self.requests]
+        steps = [len(c) for r in self.requests for c in r.candidates if not isinstance(c, TokenIds)]
+        chars = [sum(len(s) for s in c) for r in self.requests for c in r.candidates if not isinstance(c, TokenIds)]
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "requests": len(self.requests),
+            "candidates": self.num_candidates,
+            "steps": self.num_steps,
+            "candidates_per_request_mean": float(np.mean(cands)) if cands else 0.0,
+            "steps_per_candidate_mean": float(np.mean(steps)) if steps else 0.0,
+            "chars_per_candidate_mean": float(np.mean(chars)) if chars else 0.0,
+        }
+
+
+def request_steps(request: ScoreRequest) -> int:
+    """Steps a request asks scores for (token-id candidates count their step positions)."""
+    return sum(len(c.step_positions) if isinstance(c, TokenIds) else len(c) for c in request.candidates)
+
+
+def default_data_dir() -> Path:
+    """$STEPSCORE_DATA, else ../shared/data beside the working directory, else /work/shared/data."""
+    env = os.environ.get("STEPSCORE_DATA")
+    if env:
+        return Path(env)
+    for candidate in (Path.cwd().parent / "shared" / "data", Path("/work/shared/data")):
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd().parent / "shared" / "data"
+
+
+def split_steps(completion: str) -> list[str]:
+    """A completion's steps, as search-and-learn splits them; empty steps dropped."""
+    return [s for s in completion.split(STEP_SPLIT) if s.strip()]
+
+
+def load_workload(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    *,
+    seed: int = 0,
+    aggregates: Sequence[str] = ("min",),
+    truncate_left: bool = False,
+    synthetic_scale: float = 1.0,
+    synthetic_requests: int = 64,
+) -> Workload:
+    """The requests of workload `name` (one of WORKLOADS).
+
+    `limit` caps the number of requests (the beam workload takes whole problems, all their iterations,
+    while they fit; at least one). Synthetic workloads make `limit` requests, or `synthetic_requests`
+    without a limit; `synthetic_scale` multiplies their step lengths (small models have short contexts).
+    Requests carry `aggregates` and `truncate_left` as given, and ids "<name>-<index>".
+    """
+    if name not in WORKLOADS:
+        raise ConfigError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"the request limit must be at least 1, got {limit}")
+    data = Path(data_dir) if data_dir is not None else default_data_dir()
+    rng = np.random.default_rng(seed)
+    raw: list[tuple[str, list[list[str]]]]
+    if name == "synthetic":
+        count = limit or synthetic_requests
+        raw = synthetic_best_of_n(count, rng, scale=synthetic_scale)
+        source = f"generated (seed {seed}, scale {synthetic_scale:g})"
+    elif name == "synthetic-beam":
+        raw = synthetic_beam(limit or synthetic_requests, rng, scale=synthetic_scale)
+        source = f"generated (seed {seed}, scale {synthetic_scale:g})"
+    elif name in ("bon16", "bon256"):
+        n = 16 if name == "bon16" else 256
+        paths = _trace_files(data, f"*best_of_n_N{n}*.jsonl.gz")
+        raw = list(_take(best_of_n(_interleave([_read_jsonl(p) for p in paths])), limit))
+        source = ", ".join(str(p) for p in paths)
+    elif name in ("beam", "dvts"):
+        paths = _trace_files(data, "*beam_search_N16*.jsonl.gz")
+        records = list(_interleave([_read_jsonl(p) for p in paths]))
+        rebuild = beam_search_iterations if name == "beam" else dvts_iterations
+        raw = rebuild(records, rng, limit=limit)
+        source = ", ".join(str(p) for p in paths)
+    else:  # processbench
+        folder = data / "processbench"
+        paths = sorted(folder.glob("*.json.gz"))
+        if not paths:
+            raise ConfigError(f"no ProcessBench files (*.json.gz) in {folder}; pass --data, or use --workload synthetic")
+        subsets = []
+        for path in paths:
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                subsets.append(json.load(fh))
+        raw = list(_take(processbench(_interleave(subsets)), limit))
+        source = ", ".join(str(p) for p in paths)
+    requests = [
+        ScoreRequest(
+            problem=problem,
+            candidates=candidates,
+            aggregates=tuple(aggregates),
+            truncate_left=truncate_left,
+            request_id=f"{name}-{i}",
+        )
+        for i, (problem, candidates) in enumerate(raw)
+    ]
+    if not requests:
+        raise ConfigError(f"workload {name} has no requests (source: {source})")
+    return Workload(name, WORKLOADS[name], requests, source)
+
+
+# --- real traces ---------------------------------------------------------------------------------
+
+
+def _trace_files(data: Path, pattern: str) -> list[Path]:
+    folder = data / "search_traces_sal"
+    paths = sorted(folder.glob(pattern))
+    if not paths:
+        raise ConfigError(f"no search-and-learn traces {pattern} in {folder}; pass --data, or use --workload synthetic")
+    return paths
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _interleave(sources: Sequence[Sequence[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """Round-robin over several files, so a limited run samples every one of them."""
+    for k in range(max((len(s) for s in sources), default=0)):
+        for source in sources:
+            if k < len(source):
+                yield source[k]
+
+
+def _take(items: Iterable[tuple[str, list[list[str]]]], limit: int | None) -> Iterator[tuple[str, list[list[str]]]]:
+    for i, item in enumerate(items):
+        if limit is not None and i >= limit:
+            return
+        yield item
+
+
+def best_of_n(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, list[list[str]]]]:
+    """One request per problem: its N completions, each split into steps (empty completions dropped)."""
+    for record in records:
+        candidates = [steps for steps in (split_steps(c) for c in record["completions"]) if steps]
+        if candidates:
+            yield record["problem"], candidates
+
+
+def processbench(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, list[list[str]]]]:
+    """One request per solution.
+
+    A ProcessBench evaluation sends each solution as it comes, and different solutions have different
+    problems, so the request holds one candidate and batching happens across requests: the workload that
+    tests cross-request batching with (almost) no shared prefixes.
+    """
+    for record in records:
+        steps = [s for s in record["steps"] if s.strip()]
+        if steps:
+            yield record["problem"], [steps]
+
+
+def beam_search_iterations(
+    records: Sequence[dict[str, Any]],
+    rng: np.random.Generator,
+    limit: int | None = None,
+    n: int = BEAM_N,
+    beam_width: int = BEAM_WIDTH,
+    max_iterations: int = BEAM_MAX_ITERATIONS,
+) -> list[tuple[str, list[list[str]]]]:
+    """Rebuild the PRM calls a beam search made from its final beams.
+
+    search-and-learn's beam search scores `n` = 16 candidates per problem at every iteration: the
+    `n / beam_width` = 4 beams kept at the previous iteration, each copied `beam_width` = 4 times and
+    extended by one newly generated step, sent as the whole prefix + new step. Only the final beams
+    survive in the trace (16 completions per problem), so iteration t is rebuilt as:
+
+    - the known candidates are the distinct t-step prefixes of the completions that have at least t
+      steps (each is a candidate the search really scored at iteration t: it has a surviving descendant);
+    - the parents are their distinct (t - 1)-step prefixes (the kept beams; at most 4, as the search keeps);
+    - the candidates the search pruned left no text, so the call is filled up to `n` with stand-ins: a
+      parent (round-robin) + a real step taken at random (seeded) from the traces' steps at depth t, so
+      every candidate in a call ends in its own step, as sampled siblings do.
+
+    Pruned lineages are lost: all candidates descend from surviving parents, so prefixes are shared a
+    little more than in the real run (where up to 4 kept beams may have had different histories). The
+    search stops after `max_iterations` = 40; the last iteration generates to the end, so its candidates
+    are the whole completions. Requests are ordered iteration by iteration across problems, like a client
+    searching many problems at once. `limit` keeps whole problems while their requests fit (at least one).
+    """
+    problems = [(r["problem"], [s for s in (split_steps(c) for c in r["completions"]) if s]) for r in records]
+    problems = [(p, c) for p, c in problems if c]
+    # stand-in steps by depth (0-based), from every problem of the trace
+    pool: dict[int, list[str]] = {}
+    for _, completions in problems:
+        for steps in completions:
+            for depth, step in enumerate(steps):
+                pool.setdefault(depth, []).append(step)
+    everything = [s for steps in pool.values() for s in steps]
+
+    per_problem: list[tuple[str, list[list[list[str]]]]] = []
+    total = 0
+    for problem, completions in problems:
+        iterations = min(max(len(s) for s in completions), max_iterations)
+        calls: list[list[list[str]]] = []
+        for t in range(1, iterations + 1):
+            last = t == max_iterations
+            survivors = _unique(tuple(s) if last else tuple(s[:t]) for s in completions if len(s) >= t)
+            parents = _unique(s[: t - 1] for s in survivors)
+            candidates = [list(s) for s in survivors[:n]]
+            depth_pool = pool.get(t - 1) or everything
+            k = 0
+            while len(candidates) < n:
+                parent = parents[k % len(parents)]
+                k += 1
+                candidates.append([*parent, depth_pool[int(rng.integers(len(depth_pool)))]])
+            calls.append(candidates)
+        if limit is not None and per_problem and total + len(calls) > limit:
+            break
+        per_problem.append((problem, calls))
+        total += len(calls)
+    out: list[tuple[str, list[list[str]]]] = []
+    for t in range(max((len(c) for _, c in per_problem), default=0)):
+        for problem, calls in per_problem:
+            if t < len(calls):
+                out.append((problem, calls[t]))
+    return out
+
+
+def dvts_iterations(
+    records: Sequence[dict[str, Any]],
+    rng: np.random.Generator,
+    limit: int | None = None,
+    n: int = BEAM_N,
+    beam_width: int = BEAM_WIDTH,
+    max_iterations: int = BEAM_MAX_ITERATIONS,
+) -> list[tuple[str, list[list[str]]]]:
+    """Rebuild the PRM calls of DVTS (diverse verifier tree search) from beam-search final beams.
+
+    DVTS splits the `n` = 16 candidates into `n / beam_width` = 4 independent subtrees; at every
+    iteration each subtree keeps its one best beam and extends it `beam_width` = 4 ways, and the 16
+    candidates (whole prefix + new step) go to the PRM in one call. Subtrees share only the prompt, so
+    prefixes are shared within groups of 4, not across the call as in beam search.
+
+    Rebuilt from the trace: the subtree paths are 4 completions with different first steps where the
+    problem has them (its most diverse final beams); at iteration t each subtree sends its path's
+    (t - 1)-step prefix extended by the path's own t-th step and by 3 stand-in steps drawn (seeded) from the
+    traces' steps at depth t. A subtree whose path has ended stops, as a finished DVTS subtree does.
+    """
+    problems = [(r["problem"], [s for s in (split_steps(c) for c in r["completions"]) if s]) for r in records]
+    problems = [(p, c) for p, c in problems if c]
+    pool: dict[int, list[str]] = {}
+    for _, completions in problems:
+        for steps in completions:
+            for depth, step in enumerate(steps):
+                pool.setdefault(depth, []).append(step)
+    everything = [s for steps in pool.values() for s in steps]
+    subtrees = n // beam_width
+
+    per_problem: list[tuple[str, list[list[list[str]]]]] = []
+    total = 0
+    for problem, completions in problems:
+        by_first: dict[str, list[str]] = {}
+        for steps in completions:
+            by_first.setdefault(steps[0], steps)
+        paths = list(by_first.values())[:subtrees]
+        paths += [completions[k % len(completions)] for k in range(subtrees - len(paths))]
+        iterations = min(max(len(p) for p in paths), max_iterations)
+        calls: list[list[list[str]]] = []
+        for t in range(1, iterations + 1):
+            depth_pool = pool.get(t - 1) or everything
+            call: list[list[str]] = []
+            for path in paths:
+                if len(path) < t:
+                    continue
+                parent = path[: t - 1]
+                call.append(list(path[:t]))
+                call += [[*parent, depth_pool[int(rng.integers(len(depth_pool)))]] for _ in range(beam_width - 1)]
+            calls.append(call)
+        if limit is not None and per_problem and total + len(calls) > limit:
+            break
+        per_problem.append((problem, calls))
+        total += len(calls)
+    out: list[tuple[str, list[list[str]]]] = []
+    for t in range(max((len(c) for _, c in per_problem), default=0)):
+        for problem, calls in per_problem:
+            if t < len(calls):
+                out.append((problem, calls[t]))
+    return out
+
+
+def _unique(items: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return list(dict.fromkeys(items))
+
+
+# --- synthetic -----------------------------------------------------------------------------------
+
+# (mean, p90) from the data README's shape table, taking the middle of the ranges it gives.
+BON_STEPS = (8.0, 12.5)  # steps per solution, search-and-learn Best-of-N N=16
+BON_STEP_CHARS = (172.0, 325.0)  # chars per step, same traces
+BEAM_STEPS = (10.4, 18.5)  # steps per final beam, search-and-learn beam search N=16
+BEAM_STEP_CHARS = (107.0, 195.0)  # chars per step, same traces
+PROBLEM_CHARS = (200.0, 400.0)  # MATH problem statements (order of magnitude; only the prompt's length)
+MAX_STEPS = 58  # the longest Best-of-N completion in the traces, in steps
+
+_WORDS = (
+    "the so we then is of and to a in that for it with as by this from be are at on",
+    "sum product equation value number term side both each total find solve let now first next",
+    "since therefore thus hence we get substitute simplify multiply divide add subtract square root",
+    "x y n k a b c = + - * / ( ) ^ < > \\frac \\sqrt $ answer boxed step check given area",
+)
+WORDS: tuple[str, ...] = tuple(w for line in _WORDS for w in line.split())
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    """A log-normal distribution fitted to a mean and a 90th percentile (heavy right tail, like the traces)."""
+
+    mu: float
+    sigma: float
+
+    @staticmethod
+    def fit(mean: float, p90: float) -> LogNormal:
+        # mean = exp(mu + s^2 / 2), p90 = exp(mu + z s) with z = 1.2816: s^2 / 2 - z s + ln(p90 / mean) = 0,
+        # the smaller root (the larger one has an absurd tail).
+        z = 1.2815515655446004
+        gap = math.log(p90 / mean)
+        if gap <= 0 or z * z < 2 * gap:
+            raise ValueError(f"no log-normal has mean {mean} and p90 {p90}")
+        sigma = z - math.sqrt(z * z - 2 * gap)
+        return LogNormal(math.log(mean) - sigma * sigma / 2, sigma)
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(rng.lognormal(self.mu, self.sigma))
+
+
+def random_text(rng: np.random.Generator, chars: int) -> str:
+    """Random words (maths-flavoured English and numbers) of about `chars` characters."""
+    words: list[str] = []
+    length = 0
+    while length < chars:
+        word = str(int(rng.integers(0, 1000))) if rng.random() < 0.15 else WORDS[int(rng.integers(len(WORDS)))]
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words) + "."
+
+
+class _Sizes:
+    def __init__(self, steps: tuple[float, float], chars: tuple[float, float], scale: float) -> None:
+        if scale <= 0:
+            raise ConfigError(f"the synthetic scale must be positive, got {scale}")
+        self.steps = LogNormal.fit(*steps)
+        self.chars = LogNormal.fit(*chars)
+        self.problem = LogNormal.fit(*PROBLEM_CHARS)
+        self.scale = scale
+
+    def num_steps(self, rng: np.random.Generator) -> int:
+        return int(min(MAX_STEPS, max(1, round(self.steps.sample(rng)))))
+
+    def step(self, rng: np.random.Generator) -> str:
+        return random_text(rng, max(4, round(self.chars.sample(rng) * self.scale)))
+
+    def problem_text(self, rng: np.random.Generator) -> str:
+        return random_text(rng, max(8, round(self.problem.sample(rng) * self.scale)))
+
+
+def synthetic_best_of_n(
+    count: int, rng: np.random.Generator, n: int = 16, scale: float = 1.0
+) -> list[tuple[str, list[list[str]]]]:
+    """`count` requests of `n` independent random completions (lengths as in the Best-of-N traces)."""
+    sizes = _Sizes(BON_STEPS, BON_STEP_CHARS, scale)
+    out = []
+    for _ in range(count):
+        problem = sizes.problem_text(rng)
+        out.append((problem, [[sizes.step(rng) for _ in range(sizes.num_steps(rng))] for _ in range(n)]))
+    return out
+
+
+def synthetic_beam(
+    count: int, rng: np.random.Generator, n: int = BEAM_N, beam_width: int = BEAM_WIDTH, scale: float = 1.0
+) -> list[tuple[str, list[list[str]]]]:
+    """`count` calls of simulated beam searches, iteration-major across problems.
+
+    Each problem runs for a number of iterations drawn like the beam traces' step counts; every iteration
+    sends `n` candidates: `n / beam_width` kept beams (chosen at random from the previous call), each
+    extended by `beam_width` new random steps.
+    """
+    sizes = _Sizes(BEAM_STEPS, BEAM_STEP_CHARS, scale)
+    keep = max(1, n // beam_width)
+    searches: list[tuple[str, list[list[list[str]]]]] = []
+    total = 0
+    while total < count:
+        problem = sizes.problem_text(rng)
+        beams: list[list[str]] = [[] for _ in range(keep)]
+        calls = []
+        for _ in range(min(sizes.num_steps(rng), count - total)):
+            candidates = [[*beams[j % keep], sizes.step(rng)] for j in range(n)]
+            calls.append(candidates)
+            chosen = rng.choice(len(candidates), size=keep, replace=False)
+            beams = [candidates[int(i)] for i in chosen]
+        searches.append((problem, calls))
+        total += len(calls)
+    out: list[tuple[str, list[list[str]]]] = []
+    for t in range(max(len(c) for _, c in searches)):
+        for problem, calls in searches:
+            if t < len(calls):
+                out.append((problem, calls[t]))
+    return out

@@ -1,0 +1,133 @@
+"""Workloads: shapes of the requests built from the real traces and from the synthetic generator."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stepscore.errors import ConfigError
+from stepscore.runtime.bench.workloads import (
+    BEAM_MAX_ITERATIONS,
+    BON_STEPS,
+    LogNormal,
+    load_workload,
+    split_steps,
+)
+from stepscore.runtime.types import ScoreRequest, TokenIds
+
+
+def _steps(request: ScoreRequest) -> list[list[str]]:
+    return [list(c) for c in request.candidates if not isinstance(c, TokenIds)]
+
+
+def test_split_steps_drops_empty() -> None:
+    assert split_steps("a\n\nb\n\n\n\n  \n\nc\n\n") == ["a", "b", "c"]
+
+
+def test_lognormal_fit_matches_mean_and_p90() -> None:
+    d = LogNormal.fit(8.0, 12.5)
+    assert math.exp(d.mu + d.sigma**2 / 2) == pytest.approx(8.0)
+    assert math.exp(d.mu + 1.2815515655446004 * d.sigma) == pytest.approx(12.5)
+    with pytest.raises(ValueError):
+        LogNormal.fit(10.0, 9.0)
+
+
+def test_synthetic_best_of_n_shape_and_seed() -> None:
+    w = load_workload("synthetic", limit=64, seed=3)
+    assert len(w.requests) == 64 and all(len(r.candidates) == 16 for r in w.requests)
+    steps = [len(c) for r in w.requests for c in _steps(r)]
+    assert all(s.strip() for r in w.requests for c in _steps(r) for s in c)
+    # the step count follows the Best-of-N traces' distribution (mean 8)
+    assert abs(float(np.mean(steps)) - BON_STEPS[0]) < 1.0
+    assert [r.request_id for r in w.requests[:2]] == ["synthetic-0", "synthetic-1"]
+    again = load_workload("synthetic", limit=64, seed=3)
+    assert [_steps(r) for r in again.requests] == [_steps(r) for r in w.requests]
+    other = load_workload("synthetic", limit=64, seed=4)
+    assert _steps(other.requests[0]) != _steps(w.requests[0])
+    short = load_workload("synthetic", limit=8, seed=3, synthetic_scale=0.1)
+    assert short.describe()["chars_per_candidate_mean"] < 0.3 * w.describe()["chars_per_candidate_mean"]
+
+
+def test_synthetic_beam_shares_prefixes() -> None:
+    w = load_workload("synthetic-beam", limit=40, seed=1, aggregates=("last",), truncate_left=True)
+    assert len(w.requests) == 40
+    by_problem: dict[str, list[list[list[str]]]] = {}
+    for r in w.requests:
+        assert len(r.candidates) == 16 and r.aggregates == ("last",) and r.truncate_left
+        by_problem.setdefault(r.problem, []).append(_steps(r))
+    for calls in by_problem.values():
+        for t, cands in enumerate(calls, start=1):
+            assert {len(c) for c in cands} == {t}  # iteration t: whole prefix + one new step
+            parents = {tuple(c[:-1]) for c in cands}
+            assert len(parents) <= 4 and len({c[-1] for c in cands}) == 16
+            if t > 1:  # the parents are candidates of the previous iteration
+                assert parents <= {tuple(c) for c in calls[t - 2]}
+
+
+def test_unknown_workload_and_missing_data(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown workload"):
+        load_workload("nope")
+    with pytest.raises(ConfigError, match="synthetic"):
+        load_workload("bon16", tmp_path)
+    with pytest.raises(ConfigError, match="synthetic"):
+        load_workload("processbench", tmp_path)
+
+
+# --- real traces (skipped without ../shared/data) ------------------------------------------------
+
+
+def test_best_of_n(shared_data: Path) -> None:
+    w = load_workload("bon16", shared_data, limit=6)
+    assert len(w.requests) == 6 and all(len(r.candidates) == 16 for r in w.requests)
+    # the files (two policies on the same MATH-500 problems) are interleaved: different completions
+    assert len({tuple(map(tuple, _steps(r))) for r in w.requests}) == 6
+    assert all(s.strip() and "\n\n" not in s for r in w.requests for c in _steps(r) for s in c)
+    big = load_workload("bon256", shared_data, limit=1)
+    assert len(big.requests) == 1 and len(big.requests[0].candidates) == 256
+
+
+def test_processbench_one_solution_per_request(shared_data: Path) -> None:
+    w = load_workload("processbench", shared_data, limit=8)
+    assert all(len(r.candidates) == 1 for r in w.requests)
+    with gzip.open(shared_data / "processbench" / "gsm8k.json.gz", "rt", encoding="utf-8") as fh:
+        first = json.load(fh)[0]
+    assert w.requests[0].problem == first["problem"] and _steps(w.requests[0])[0] == first["steps"]
+    # the four subsets are interleaved, so a short run samples each of them
+    assert len({r.problem for r in w.requests[:4]}) == 4
+
+
+def test_beam_reconstruction(shared_data: Path) -> None:
+    w = load_workload("beam", shared_data, limit=300)
+    records = []
+    for path in sorted((shared_data / "search_traces_sal").glob("*beam_search_N16*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            records += [json.loads(line) for line in fh]
+    # both traces searched the first MATH-500 problems: check the problems searched once
+    seen = [r["problem"] for r in records]
+    completions = {r["problem"]: [split_steps(c) for c in r["completions"]] for r in records if seen.count(r["problem"]) == 1}
+    iteration: dict[str, int] = {}
+    shared = checked = 0
+    for r in w.requests:
+        if r.problem not in completions:
+            continue
+        checked += 1
+        t = iteration[r.problem] = iteration.get(r.problem, 0) + 1
+        cands = _steps(r)
+        assert len(cands) == 16
+        if t < BEAM_MAX_ITERATIONS:
+            assert {len(c) for c in cands} == {t}
+        # every prefix that survives in the trace was scored at this iteration
+        survivors = {tuple(s[:t]) for s in completions[r.problem] if len(s) >= t}
+        assert survivors <= {tuple(c) for c in cands}
+        parents = {tuple(c[:-1]) for c in cands}
+        assert len(parents) <= 4  # the beams kept at the previous iteration
+        if t > 1 and len(parents) < len(cands):
+            shared += 1  # candidates at iteration t share their prefix with siblings
+    assert checked > 20 and shared > checked // 2
+    # iteration-major: the first requests are the first iterations of different problems
+    assert all(len(c) == 1 for r in w.requests[:4] for c in _steps(r)) and len({r.problem for r in w.requests[:4]}) > 1
