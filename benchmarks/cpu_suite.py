@@ -89,8 +89,10 @@ def environment() -> str:
     import onnxruntime
     import torch
 
-    return (f"{time.strftime('%Y-%m-%d')}, commit {commit}{' + uncommitted changes' if dirty else ''}, {cpu}, "
-            f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}")
+    return (
+        f"{time.strftime('%Y-%m-%d')}, commit {commit}{' + uncommitted changes' if dirty else ''}, {cpu}, "
+        f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}"
+    )
 
 
 def write_section(name: str, body: str) -> None:
@@ -116,11 +118,23 @@ async def measure(system: Any, requests: Sequence[Any], concurrency: int, worklo
     finally:
         await system.close()
     s = summarize(point)
-    lat = s.latency_ms or {}
-    log(f"  {s.system:<18} c={concurrency:<3} {s.tokens_per_s:9,.0f} tok/s  {s.requests_per_s:7.2f} req/s  "
-        f"p50 {lat.get('p50', float('nan')):8.1f} ms  padding {s.padding_fraction if s.padding_fraction is not None else float('nan'):.3f}"
-        f"  computed/submitted {s.compute_ratio if s.compute_ratio is not None else float('nan'):.3f}  errors {s.errors}")
+    p50 = (s.latency_ms or {}).get("p50", float("nan"))
+    pad = s.padding_fraction if s.padding_fraction is not None else float("nan")
+    ratio = s.compute_ratio if s.compute_ratio is not None else float("nan")
+    log(
+        f"  {s.system:<18} c={concurrency:<3} {s.tokens_per_s:9,.0f} tok/s  {s.requests_per_s:7.2f} req/s  "
+        f"p50 {p50:8.1f} ms  padding {pad:.3f}  computed/submitted {ratio:.3f}  errors {s.errors}"
+    )
     return s
+
+
+def _row(label: str, s: Any, a: Any, b: Any, bold: bool = False) -> str:
+    mark = "**" if bold else ""
+    return (
+        f"| {label} | {s.tokens_per_s:,.0f} | {s.requests_per_s:.2f} | {s.latency_ms['p50']:.0f} ms | "
+        f"{s.padding_fraction:.1%} | {mark}{s.tokens_per_s / a.tokens_per_s:.2f}x{mark} | "
+        f"{mark}{s.tokens_per_s / b.tokens_per_s:.2f}x{mark} |"
+    )
 
 
 def cmd_line() -> str:
@@ -145,15 +159,15 @@ async def runtime_section(args: argparse.Namespace) -> None:
     body = f"""## Runtime: engine vs one request at a time vs PyTorch eager (CPU)
 
 {environment()}. Command: `{cmd_line()}`.
-Model: Qwen2-shaped PRM, random weights, {SHAPE['num_hidden_layers']} layers x hidden {SHAPE['hidden_size']}
+Model: Qwen2-shaped PRM, random weights, {SHAPE["num_hidden_layers"]} layers x hidden {SHAPE["hidden_size"]}
 (9M body + 58M embedding parameters), real Qwen2.5-Math-PRM tokenizer, fp32. Workload: {len(wl.requests)} Best-of-N
 requests (N = 16 completions of one MATH problem each) from the search-and-learn traces (`{wl.source}`).
 
 | system | tokens/s | requests/s | p50 latency | padding | vs (a) | vs (b) |
 |---|---|---|---|---|---|---|
-| (a) onnxruntime, one request at a time, padded | {a.tokens_per_s:,.0f} | {a.requests_per_s:.2f} | {a.latency_ms['p50']:.0f} ms | {a.padding_fraction:.1%} | 1.00x | {a.tokens_per_s / b.tokens_per_s:.2f}x |
-| (b) PyTorch eager, padded batches of 8 | {b.tokens_per_s:,.0f} | {b.requests_per_s:.2f} | {b.latency_ms['p50']:.0f} ms | {b.padding_fraction:.1%} | {b.tokens_per_s / a.tokens_per_s:.2f}x | 1.00x |
-| (c) stepscore engine, 64 concurrent callers | {c.tokens_per_s:,.0f} | {c.requests_per_s:.2f} | {c.latency_ms['p50']:.0f} ms | {c.padding_fraction:.1%} | **{c.tokens_per_s / a.tokens_per_s:.2f}x** | **{c.tokens_per_s / b.tokens_per_s:.2f}x** |
+{_row("(a) onnxruntime, one request at a time, padded", a, a, b)}
+{_row("(b) PyTorch eager, padded batches of 8", b, a, b)}
+{_row("(c) stepscore engine, 64 concurrent callers", c, a, b, bold=True)}
 
 tokens/s counts the candidates' formatted tokens (what a client submits), the same for every system.
 Targets: (c) >= 1.5x (a) and >= 2x (b).
@@ -171,12 +185,16 @@ async def sharing_section(args: argparse.Namespace) -> None:
         wl = load_workload(name, SHARED / "data", limit=args.requests * 3)
         log(f"sharing: {name}, {len(wl.requests)} requests")
         on = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, 16, name)
-        off = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads, share_prefixes=False)),
-                            wl.requests, 16, name)
+        off = await measure(
+            EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads, share_prefixes=False)),
+            wl.requests,
+            16,
+            name,
+        )
         rows.append((name, len(wl.requests), on, off))
     lines = "\n".join(
-        f"| {name} | {n} | {off.compute_ratio:.3f} | {on.compute_ratio:.3f} | {off.tokens_per_s:,.0f} | {on.tokens_per_s:,.0f} | "
-        f"**{on.tokens_per_s / off.tokens_per_s:.2f}x** |"
+        f"| {name} | {n} | {off.compute_ratio:.3f} | {on.compute_ratio:.3f} | {off.tokens_per_s:,.0f} | "
+        f"{on.tokens_per_s:,.0f} | **{on.tokens_per_s / off.tokens_per_s:.2f}x** |"
         for name, n, on, off in rows
     )
     body = f"""## Shared prefixes: sharing on vs off (CPU)

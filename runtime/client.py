@@ -94,6 +94,11 @@ def _credentials(root_ca: Path | None, cert: Path | None, key: Path | None) -> g
     )
 
 
+def _stub(channel: Any) -> Any:
+    stub_cls: Any = pb_grpc.StepScorerStub  # generated code, untyped
+    return stub_cls(channel)
+
+
 class _Base:
     def __init__(self, token: str | None) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -119,7 +124,7 @@ class Client(_Base):
             self._channel = grpc.secure_channel(target, _credentials(root_ca, cert, key), options=args)
         else:
             self._channel = grpc.insecure_channel(target, options=args)
-        self._stub = pb_grpc.StepScorerStub(self._channel)
+        self._stub = _stub(self._channel)
         self._timeout = timeout
 
     def score(
@@ -193,7 +198,7 @@ class AsyncClient(_Base):
             self._channel = grpc.aio.secure_channel(target, _credentials(root_ca, cert, key), options=args)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=args)
-        self._stub = pb_grpc.StepScorerStub(self._channel)
+        self._stub = _stub(self._channel)
         self._timeout = timeout
 
     async def score(
@@ -205,16 +210,12 @@ class AsyncClient(_Base):
     ) -> ScoreResult:
         request = _request(problem, candidates, options)
         try:
-            reply = await self._stub.Score(
-                request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata
-            )
+            reply = await self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise _raise(err) from None
         return result_from_proto(reply)
 
-    async def score_stream(
-        self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]
-    ) -> AsyncIterator[StreamItem]:
+    async def score_stream(self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> AsyncIterator[StreamItem]:
         """Send requests on one stream; yield each answer as soon as the server sends it."""
 
         async def produce() -> AsyncIterator[Any]:

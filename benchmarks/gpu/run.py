@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,10 @@ class TorchPRM:
         self.body = Qwen2Model.from_pretrained(str(folder), dtype=self.dtype, attn_implementation="sdpa").to(device)
         self.body.eval()
         st = load_file(str(folder / "model.safetensors"))
-        self.w = {k: st[k].to(device=device, dtype=torch.float32) for k in ("score.0.weight", "score.0.bias",
-                                                                            "score.2.weight", "score.2.bias")}
+        self.w = {
+            k: st[k].to(device=device, dtype=torch.float32)
+            for k in ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
+        }
 
     def scores(self, ids: np.ndarray, reads: np.ndarray, mask: np.ndarray | None = None) -> Any:
         torch = self.torch
@@ -154,7 +157,7 @@ def plain_batch(b: int, s: int, vocab: int, seed: int) -> Any:
     rng = np.random.default_rng(seed)
     reads = np.linspace(s // K - 1, s - 1, K).astype(np.int32)
     items = [Formatted(rng.integers(10, vocab - 10, s).astype(np.int32), reads) for _ in range(b)]
-    return pack(items, PackOptions(share_prefixes=False, pack_rows=False, row_tokens=s, row_multiple=1)), items
+    return pack(items, PackOptions(share_prefixes=False, pack_rows=False, row_tokens=s, row_multiple=1))
 
 
 # --- sections --------------------------------------------------------------------------------------
@@ -169,12 +172,12 @@ def section_plain(args: argparse.Namespace, folder: Path, bundle: Path, shape: d
     ref32 = TorchPRM(folder, device, "fp32")
     flops_per_token = 2 * body_params(shape)
     rows = []
-    for b, s in (TINY_PLAIN if args.tiny else PLAIN):
-        batch, items = plain_batch(b, s, shape["vocab_size"], seed=b * s)
+    for b, s in TINY_PLAIN if args.tiny else PLAIN:
+        batch = plain_batch(b, s, shape["vocab_size"], seed=b * s)
         ids = batch.input_ids
         reads = batch.step_positions
-        t_eager = timed(lambda: eager.scores(ids, reads), device, iters=args.iters)
-        t_ort = timed(lambda: ort.run(batch), device, iters=args.iters)
+        t_eager = timed(partial(eager.scores, ids, reads), device, iters=args.iters)
+        t_ort = timed(partial(ort.run, batch), device, iters=args.iters)
         got = ort.run(batch)
         want16 = eager.scores(ids, reads).float().cpu().numpy()
         sub = slice(0, max(1, b // 8))  # the fp32 reference on a slice keeps memory and time small
@@ -189,10 +192,11 @@ def section_plain(args: argparse.Namespace, folder: Path, bundle: Path, shape: d
             "max_diff_vs_fp32": float(np.abs(got[sub] - want32).max()),
         })  # fmt: skip
         r = rows[-1]
-        log(f"  {b:>4}x{s:<5} eager {r['eager_tok_s']:>10,.0f} tok/s {r['eager_tflops']:6.1f} TF/s | "
+        log(
+            f"  {b:>4}x{s:<5} eager {r['eager_tok_s']:>10,.0f} tok/s {r['eager_tflops']:6.1f} TF/s | "
             f"ORT {r['ort_tok_s']:>10,.0f} tok/s {r['ort_tflops']:6.1f} TF/s | x{r['ratio']:.2f} | "
-            f"|d| fp16 {r['max_diff_vs_eager_fp16']:.1e} fp32 {r['max_diff_vs_fp32']:.1e}")
-    del eager, ref32
+            f"|d| fp16 {r['max_diff_vs_eager_fp16']:.1e} fp32 {r['max_diff_vs_fp32']:.1e}"
+        )
     return rows
 
 
@@ -206,18 +210,20 @@ def section_sharing(args: argparse.Namespace, folder: Path, bundle: Path, shape:
     eager = TorchPRM(folder, device, "fp16" if device != "cpu" else "fp32")
     rows = []
     rng = np.random.default_rng(1)
-    for n, p, c in (TINY_SHARING if args.tiny else SHARING):
+    for n, p, c in TINY_SHARING if args.tiny else SHARING:
         prefix = rng.integers(10, shape["vocab_size"] - 10, p).astype(np.int32)
         items = [
-            Formatted(np.concatenate([prefix, rng.integers(10, shape["vocab_size"] - 10, c).astype(np.int32)]),
-                      np.array([p - 1, p + c - 1], np.int32))
+            Formatted(
+                np.concatenate([prefix, rng.integers(10, shape["vocab_size"] - 10, c).astype(np.int32)]),
+                np.array([p - 1, p + c - 1], np.int32),
+            )
             for _ in range(n)
         ]
         padded = pack(items, PackOptions(share_prefixes=False, pack_rows=False, row_tokens=p + c, row_multiple=1))
         tree = pack(items, PackOptions(share_prefixes=True, row_tokens=max(4096, n * c + p), row_multiple=64))
-        t_pad_eager = timed(lambda: eager.scores(padded.input_ids, padded.step_positions), device, iters=args.iters)
-        t_pad = timed(lambda: ort.run(padded), device, iters=args.iters)
-        t_tree = timed(lambda: ort.run(tree), device, iters=args.iters)
+        t_pad_eager = timed(partial(eager.scores, padded.input_ids, padded.step_positions), device, iters=args.iters)
+        t_pad = timed(partial(ort.run, padded), device, iters=args.iters)
+        t_tree = timed(partial(ort.run, tree), device, iters=args.iters)
         a = ort.run(padded).reshape(-1)
         t = ort.run(tree).reshape(-1)
         diff = max(float(np.abs(a[x] - t[y]).max()) for x, y in zip(padded.item_reads, tree.item_reads, strict=True))
@@ -228,9 +234,11 @@ def section_sharing(args: argparse.Namespace, folder: Path, bundle: Path, shape:
             "max_diff": diff,
         })  # fmt: skip
         r = rows[-1]
-        log(f"  {n}x{p}x{c}: tokens {r['tokens_padded']:,} -> {r['tokens_tree']:,}; tree row x{r['speedup_vs_eager_padded']:.2f} "
-            f"vs eager padded, x{r['speedup_vs_ort_padded']:.2f} vs ORT padded; |d| {diff:.1e}")
-    del eager
+        log(
+            f"  {n}x{p}x{c}: tokens {r['tokens_padded']:,} -> {r['tokens_tree']:,}; tree row "
+            f"x{r['speedup_vs_eager_padded']:.2f} vs eager padded, x{r['speedup_vs_ort_padded']:.2f} vs ORT padded; "
+            f"|d| {diff:.1e}"
+        )
     return rows
 
 
@@ -262,8 +270,8 @@ def main() -> int:
     p.add_argument("--serve-timeout", type=int, default=240)
     args = p.parse_args()
     if args.device.startswith("cuda"):
-        import torch  # noqa: F401 - loads CUDA before onnxruntime looks for it
         import onnxruntime
+        import torch  # loads CUDA before onnxruntime looks for it
 
         if hasattr(onnxruntime, "preload_dlls"):
             onnxruntime.preload_dlls()
@@ -277,8 +285,7 @@ def main() -> int:
         from stepscore.export.pipeline import export_model
 
         # parity is measured on the GPU below; the CPU gate would only cost minutes here
-        export_model(str(folder), bundle, precision="fp16", force=True, validate=False,
-                     progress=lambda line: log("  " + line))
+        export_model(str(folder), bundle, precision="fp16", force=True, validate=False, progress=lambda line: log("  " + line))
     report: dict[str, Any] = {"device": args.device, "shape": shape, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         import torch

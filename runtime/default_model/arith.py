@@ -72,8 +72,9 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 4) -> 
     v = rng.randint(2, 20)
     start, ops = v, []
     for _ in range(rng.randint(min_steps, max_steps)):
-        choices = [op for op in OPS if not (op == "*" and v > 9) and not (op == "-" and v < 2)
-                   and not (op == "+" and v >= MAX_VALUE)]
+        choices = [
+            op for op in OPS if not (op == "*" and v > 9) and not (op == "-" and v < 2) and not (op == "+" and v >= MAX_VALUE)
+        ]
         op = rng.choice(choices)
         if op == "+":
             b = rng.randint(1, min(9, MAX_VALUE - v))
@@ -117,9 +118,7 @@ def verify(problem: Problem, steps: Sequence[str]) -> list[bool]:
 MISTAKES = ("result", "operand", "copy", "operation")
 
 
-def _mistake(
-    rng: random.Random, a: int, op: str, b: int, weights: Sequence[float] | None = None
-) -> tuple[int, str, int, int]:
+def _mistake(rng: random.Random, a: int, op: str, b: int, weights: Sequence[float] | None = None) -> tuple[int, str, int, int]:
     """One wrong step (a, op, b, c) in one of four ways; never accidentally right."""
     kind = rng.choices(MISTAKES, weights=weights)[0]
     for _ in range(20):

@@ -105,11 +105,14 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"      ready on {target}", file=out)
             data = held_out(args.seed, args.problems, args.n)
             n_steps = sum(len(c.steps) for _, chains in data for c in chains)
-            print(f"\n[3/4] search  best-of-{args.n} on {args.problems} held-out problems over gRPC (one ScoreStream)",
-                  file=out)
+            print(
+                f"\n[3/4] search  best-of-{args.n} on {args.problems} held-out problems over gRPC (one ScoreStream)", file=out
+            )
             scores, seconds = asyncio.run(_search(target, data))
-            print(f"      {args.problems} requests, {args.problems * args.n} chains, {n_steps} steps scored in "
-                  f"{seconds:.2f} s", file=out)
+            print(
+                f"      {args.problems} requests, {args.problems * args.n} chains, {n_steps} steps scored in {seconds:.2f} s",
+                file=out,
+            )
             shown = [i for i, (_, chains) in enumerate(data) if any(c.first_error >= 0 for c in chains)][:2]
             for i in shown:
                 problem, chains = data[i]
@@ -124,11 +127,18 @@ def run_demo(args: argparse.Namespace) -> int:
                 picks["oracle"] += any(c.final == problem.answer for c in chains)
             n = len(data)
             print(f"\n      selection of 1 of {args.n} chains      accuracy", file=out)
-            for key, label in (("prm", "PRM, min step score"), ("majority", "majority vote"), ("random", "random"),
-                               ("oracle", "oracle (any right)")):
+            for key, label in (
+                ("prm", "PRM, min step score"),
+                ("majority", "majority vote"),
+                ("random", "random"),
+                ("oracle", "oracle (any right)"),
+            ):
                 print(f"      {label:<32} {picks[key] / n:6.3f}", file=out)
-            print(f"      PRM beats majority vote by {100 * (picks['prm'] - picks['majority']) / n:+.1f} points and "
-                  f"random choice by {100 * (picks['prm'] - picks['random']) / n:+.1f}", file=out)
+            print(
+                f"      PRM beats majority vote by {100 * (picks['prm'] - picks['majority']) / n:+.1f} points and "
+                f"random choice by {100 * (picks['prm'] - picks['random']) / n:+.1f}",
+                file=out,
+            )
         finally:
             print("\n[4/4] stop    SIGTERM: drain and exit", file=out)
             if proc.poll() is None:
@@ -136,4 +146,3 @@ def run_demo(args: argparse.Namespace) -> int:
             code = proc.wait(timeout=60)
             print(f"      server exited with code {code}", file=out)
     return 0 if code == 0 else 1
-

@@ -54,9 +54,14 @@ CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|' + message['role'] + '|>' + message['content'] }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
 )
-EXPORT_OPTIONS = {"preset": "qwen-prm", "system_prompt": ""}
-ARCH = {"hidden_size": 64, "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "intermediate_size": 128}
+EXPORT_OPTIONS: dict[str, Any] = {"preset": "qwen-prm", "system_prompt": ""}
+ARCH: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+}
 MAX_POSITIONS = 512
 
 # token ids; step-character positions and their local labels; tag positions and their PRM labels
@@ -115,7 +120,7 @@ def local_labels(problem: Problem, chain: Chain) -> list[list[bool]]:
 
 
 def make_examples(formatter: Formatter, rng: random.Random, n: int) -> list[Example]:
-    out = []
+    out: list[Example] = []
     while len(out) < n:
         problem = make_problem(rng)
         chain = sample_training_chain(problem, rng, P_STEP_ERROR, TRAIN_MISTAKE_WEIGHTS)
@@ -126,8 +131,15 @@ def make_examples(formatter: Formatter, rng: random.Random, n: int) -> list[Exam
             # one character is one token here: step k is the len(step) tokens before its tag
             chars += range(int(read) - len(step), int(read))
             char_labels += local
-        out.append((item.ids, np.array(chars, np.int64), np.array(char_labels, np.int64),
-                    item.reads.astype(np.int64), np.array(chain.labels, np.int64)))
+        out.append(
+            (
+                item.ids,
+                np.array(chars, np.int64),
+                np.array(char_labels, np.int64),
+                item.reads.astype(np.int64),
+                np.array(chain.labels, np.int64),
+            )
+        )
     return out
 
 
@@ -139,9 +151,8 @@ class Model:
         from transformers import Qwen2Config, Qwen2Model
 
         torch.manual_seed(seed)
-        self.config = Qwen2Config(
-            vocab_size=vocab, max_position_embeddings=MAX_POSITIONS, rope_theta=10000.0, **(arch or ARCH)
-        )
+        config_cls: Any = Qwen2Config  # rope: transformers' default, theta 10000
+        self.config = config_cls(vocab_size=vocab, max_position_embeddings=MAX_POSITIONS, **(arch or ARCH))
         self.body = Qwen2Model(self.config)
         h = self.config.hidden_size
         self.head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2))
@@ -176,8 +187,9 @@ def collate(batch: Sequence[Example]) -> dict[str, Any]:
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     # next-token targets where the next token is right: teaches the body the arithmetic it checks
     lm_targets = torch.full((len(batch), width), -100, dtype=torch.long)
-    lists: dict[str, list[int]] = {k: [] for k in ("char_rows", "char_cols", "char_labels", "tag_rows", "tag_cols",
-                                                   "tag_labels")}
+    lists: dict[str, list[int]] = {
+        k: [] for k in ("char_rows", "char_cols", "char_labels", "tag_rows", "tag_cols", "tag_labels")
+    }
     for r, (seq, chars, char_labels, tags, tag_labels) in enumerate(batch):
         t = torch.as_tensor(seq.astype(np.int64))
         ids[r, : len(seq)] = t
@@ -307,11 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     heads = args.hidden // 16
-    arch = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "intermediate_size": args.mlp_ratio * args.hidden,
-            "num_attention_heads": heads, "num_key_value_heads": heads}
-    model = train(
-        args.out, args.steps, args.batch_size, args.lr, args.seed, args.lm_weight, arch, args.weight_decay
-    )
+    arch = {
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "intermediate_size": args.mlp_ratio * args.hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+    }
+    model = train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.lm_weight, arch, args.weight_decay)
     trained = time.perf_counter() - started
     spec, vocab = format_spec(args.out)
     scorer = torch_scorer(model, Formatter(spec, args.out / "tokenizer.json", vocab, MAX_POSITIONS))

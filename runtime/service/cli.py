@@ -25,31 +25,60 @@ def add_parsers(sub: Any) -> None:
         "reflection, bearer-token auth, TLS/mTLS and Prometheus metrics. SIGTERM drains gracefully. "
         "Every flag can be given as an environment variable STEPSCORE_<FLAG>, e.g. STEPSCORE_PORT=50051.",
     )
-    p.add_argument("bundle", nargs="?", default=env_default("bundle", None, str),
-                   help="bundle directory (default: the embedded default model)")
+    p.add_argument(
+        "bundle",
+        nargs="?",
+        default=env_default("bundle", None, str),
+        help="bundle directory (default: the embedded default model)",
+    )
     g = p.add_argument_group("server")
     g.add_argument("--host", default=env_default("host", d.host, str), help=f"bind address (default {d.host})")
     g.add_argument("--port", type=int, default=env_default("port", d.port, int), help=f"0 picks a free port (default {d.port})")
-    g.add_argument("--max-receive-message-bytes", type=int,
-                   default=env_default("max-receive-message-bytes", d.max_receive_message_bytes, int),
-                   help=f"largest request accepted (default {d.max_receive_message_bytes})")
-    g.add_argument("--max-send-message-bytes", type=int,
-                   default=env_default("max-send-message-bytes", d.max_send_message_bytes, int),
-                   help=f"largest response sent (default {d.max_send_message_bytes})")
+    g.add_argument(
+        "--max-receive-message-bytes",
+        type=int,
+        default=env_default("max-receive-message-bytes", d.max_receive_message_bytes, int),
+        help=f"largest request accepted (default {d.max_receive_message_bytes})",
+    )
+    g.add_argument(
+        "--max-send-message-bytes",
+        type=int,
+        default=env_default("max-send-message-bytes", d.max_send_message_bytes, int),
+        help=f"largest response sent (default {d.max_send_message_bytes})",
+    )
     g.add_argument("--tls-cert", default=env_default("tls-cert", "", str), help="PEM certificate (enables TLS)")
     g.add_argument("--tls-key", default=env_default("tls-key", "", str), help="PEM private key")
-    g.add_argument("--client-ca", default=env_default("client-ca", "", str),
-                   help="PEM CA: clients must present a certificate it signed (mTLS)")
-    g.add_argument("--token", default=env_default("token", "", str),
-                   help="require 'authorization: Bearer TOKEN' on every call but health (prefer STEPSCORE_TOKEN)")
-    g.add_argument("--metrics-port", type=int, default=env_default("metrics-port", 0, int),
-                   help="serve Prometheus metrics on this port (default: off)")
-    g.add_argument("--reflection", action="store_true", default=env_default("reflection", False, env_flag),
-                   help="enable gRPC server reflection (for grpcurl)")
-    g.add_argument("--grace-seconds", type=float, default=env_default("grace-seconds", d.grace_seconds, float),
-                   help=f"how long in-flight calls may take to finish on SIGTERM (default {d.grace_seconds:g})")
-    g.add_argument("--log-level", default=env_default("log-level", "warning", str),
-                   choices=("debug", "info", "warning", "error"))
+    g.add_argument(
+        "--client-ca",
+        default=env_default("client-ca", "", str),
+        help="PEM CA: clients must present a certificate it signed (mTLS)",
+    )
+    g.add_argument(
+        "--token",
+        default=env_default("token", "", str),
+        help="require 'authorization: Bearer TOKEN' on every call but health (prefer STEPSCORE_TOKEN)",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_default("metrics-port", 0, int),
+        help="serve Prometheus metrics on this port (default: off)",
+    )
+    g.add_argument(
+        "--reflection",
+        action="store_true",
+        default=env_default("reflection", False, env_flag),
+        help="enable gRPC server reflection (for grpcurl)",
+    )
+    g.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=env_default("grace-seconds", d.grace_seconds, float),
+        help=f"how long in-flight calls may take to finish on SIGTERM (default {d.grace_seconds:g})",
+    )
+    g.add_argument(
+        "--log-level", default=env_default("log-level", "warning", str), choices=("debug", "info", "warning", "error")
+    )
     add_engine_args(p)
     p.set_defaults(run=run_serve)
 

@@ -17,20 +17,33 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("stepscore_requests", "Scoring requests by RPC and status code", ["method", "code"],
-                                registry=r)
-        self.latency = Histogram("stepscore_request_seconds", "Time in the server per request", ["method"],
-                                 buckets=_LATENCY, registry=r)
+        self.requests = Counter("stepscore_requests", "Scoring requests by RPC and status code", ["method", "code"], registry=r)
+        self.latency = Histogram(
+            "stepscore_request_seconds", "Time in the server per request", ["method"], buckets=_LATENCY, registry=r
+        )
         self.queue = Histogram("stepscore_queue_seconds", "Time waiting for a batch", buckets=_LATENCY, registry=r)
         self.compute = Histogram("stepscore_compute_seconds", "Model time per request", buckets=_LATENCY, registry=r)
-        self.batch_tokens = Histogram("stepscore_batch_tokens", "Tokens computed per engine run (padding included)",
-                                      buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=r)
-        self.batch_rows = Histogram("stepscore_batch_rows", "Rows per engine run",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_padding = Histogram("stepscore_batch_padding_fraction", "Fraction of computed tokens that were padding",
-                                       buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
-        self.tokens = Counter("stepscore_tokens", "Tokens by kind: submitted (candidates), used (after prefix "
-                              "sharing), computed (padding included)", ["kind"], registry=r)
+        self.batch_tokens = Histogram(
+            "stepscore_batch_tokens",
+            "Tokens computed per engine run (padding included)",
+            buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "stepscore_batch_rows", "Rows per engine run", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.batch_padding = Histogram(
+            "stepscore_batch_padding_fraction",
+            "Fraction of computed tokens that were padding",
+            buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "stepscore_tokens",
+            "Tokens by kind: submitted (candidates), used (after prefix sharing), computed (padding included)",
+            ["kind"],
+            registry=r,
+        )
         self.queue_depth = Gauge("stepscore_queue_depth", "Requests admitted and not finished", registry=r)
         self.queued_tokens = Gauge("stepscore_queued_tokens", "Tokens of requests admitted and not finished", registry=r)
 

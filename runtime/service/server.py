@@ -70,7 +70,7 @@ class Server:
             else:
                 port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {address}: {exc} (is the port taken?)") from exc
+            raise ConfigError(f"cannot listen on {address}: the port is taken or the address is not local") from exc
         if port == 0:
             raise ConfigError(f"cannot listen on {address}: the port is taken or the address is not local")
         return int(port)

@@ -69,7 +69,7 @@ def register(servicer: StepScorerServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(name, handlers)
 
 
-class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
+class StepScorerServicer(pb_grpc.StepScorerServicer):
     def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics | None = None) -> None:
         self._engine = engine
         self._config = config
@@ -111,9 +111,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):  # type: ignore[misc]
         self._observe("Score", grpc.StatusCode.OK, started, result)
         return result_to_proto(result)
 
-    async def ScoreStream(
-        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         answers: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         seen: set[str] = set()

@@ -40,9 +40,7 @@ def _pump(stream: object, sink: list[str]) -> None:
 def serve(bundle: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[ServerProcess]:
     """Start a server on a free port; yields once it prints its ready line; SIGTERMs it on exit."""
     cmd = [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), "--port", "0", *args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout

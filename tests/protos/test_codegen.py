@@ -15,9 +15,19 @@ GENERATED = ("stepscore_pb2.py", "stepscore_pb2.pyi", "stepscore_pb2_grpc.py")
 def test_generated_code_is_reproducible(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools", reason="grpcio-tools (dev extra) generates the code")
     proc = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"), f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(ROOT / "protos/stepscore/v1/stepscore.proto")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(ROOT / "protos"),
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(ROOT / "protos/stepscore/v1/stepscore.proto"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     for name in GENERATED:

@@ -24,7 +24,9 @@ def test_node_client_unary_and_stream(tiny_bundle: Callable[..., Path]) -> None:
     with serve(tiny_bundle("qwen-prm")) as server:
         proc = subprocess.run(
             ["node", str(NODE_DIR / "client.js"), server.target, str(ROOT / "protos")],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

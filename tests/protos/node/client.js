@@ -4,7 +4,7 @@ const grpc = require("@grpc/grpc-js");
 const loader = require("@grpc/proto-loader");
 
 const [target, protoDir] = process.argv.slice(2);
-const def = loader.loadSync("stepscore/v1/stepscore.proto", { includeDirs: [protoDir], keepCase: true, defaults: true });
+const def = loader.loadSync("stepscore/v1/stepscore.proto", { includeDirs: [protoDir], keepCase: true, defaults: true, oneofs: true });
 const { StepScorer } = grpc.loadPackageDefinition(def).stepscore.v1;
 const client = new StepScorer(target, grpc.credentials.createInsecure());
 

@@ -7,8 +7,8 @@ import random
 from stepscore.runtime.default_model.arith import (
     Chain,
     Problem,
-    make_problem,
     majority_vote,
+    make_problem,
     sample_chain,
     sample_training_chain,
     verify,

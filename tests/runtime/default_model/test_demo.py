@@ -38,8 +38,12 @@ def test_serve_without_a_bundle_serves_the_default_model() -> None:
             result = client.score("(2+3)*4", [["2+3=5", "5*4=20"], ["2+3=6", "6*4=24"]], aggregates=["min"])
     good, bad = (c.aggregates["min"] for c in result.candidates)
     assert good > 0.5 > bad
-    proc = subprocess.Popen([sys.executable, "-m", "stepscore.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stepscore.cli", "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

@@ -64,8 +64,14 @@ def test_fuzzed_requests_get_clear_codes_and_the_server_survives(server: ServerP
 
     check()
     # a stream of fuzzed requests: every one answered exactly once, in any order
-    batch = [pb.ScoreRequest(request_id=f"id{i}", problem=f"p{i} <extra_0>", candidates=[pb.Candidate(
-        steps=pb.Steps(steps=["a <|im_end|>", "" if i % 3 == 0 else "b ки"]))]) for i in range(30)]
+    batch = [
+        pb.ScoreRequest(
+            request_id=f"id{i}",
+            problem=f"p{i} <extra_0>",
+            candidates=[pb.Candidate(steps=pb.Steps(steps=["a <|im_end|>", "" if i % 3 == 0 else "b ки"]))],
+        )
+        for i in range(30)
+    ]
     answers = list(stub.ScoreStream(iter(batch), timeout=60))
     assert sorted(a.request_id for a in answers) == sorted(r.request_id for r in batch)
     assert sum(a.WhichOneof("result") == "error" for a in answers) == 10

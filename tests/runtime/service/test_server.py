@@ -39,7 +39,7 @@ def bundle(tiny_bundle: Callable[..., Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle: Path) -> Iterator[ServerProcess]:
-    with serve(bundle, "--reflection", "--max-receive-message-bytes", "8192") as s:
+    with serve(bundle, "--reflection", "--max-receive-message-bytes", "65536") as s:
         yield s
 
 
@@ -121,7 +121,7 @@ def test_left_truncation_over_grpc(server: ServerProcess) -> None:
 def test_message_size_limit_and_bad_bytes(server: ServerProcess) -> None:
     channel = grpc.insecure_channel(server.target)
     raw = channel.unary_unary("/stepscore.v1.StepScorer/Score")  # bytes in, bytes out
-    big = pb.ScoreRequest(problem="x" * 10_000, candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))])
+    big = pb.ScoreRequest(problem="x" * 100_000, candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))])
     with pytest.raises(grpc.RpcError) as err:
         raw(big.SerializeToString())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the limit" in err.value.details()
@@ -219,10 +219,13 @@ def test_sigterm_drains_then_exits_zero(bundle: Path) -> None:
 def test_second_server_on_a_taken_port_fails_clearly(server: ServerProcess, bundle: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), "--port", str(server.port)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
-    assert "taken" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # gRPC's core may log its own line first; ours comes last and says what happened
+    assert "the port is taken" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_bearer_token(bundle: Path) -> None:
@@ -252,14 +255,52 @@ def test_tls_and_mtls(bundle: Path, tmp_path: Path) -> None:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=stepscore-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stepscore-test-ca",
+    )
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={'localhost' if name == 'server' else 'client'}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={'localhost' if name == 'server' else 'client'}",
+        )
         (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        )
     p = tmp_path
     tls = ("--tls-cert", str(p / "server.pem"), "--tls-key", str(p / "server.key"))
     with serve(bundle, *tls) as s:
@@ -281,6 +322,7 @@ def test_bad_settings_refuse_to_start(bundle: Path) -> None:
         (["--max-receive-message-bytes", "10"], "at least 1024"),
     ]
     for args, message in cases:
-        proc = subprocess.run([sys.executable, "-m", "stepscore.cli", "serve", str(bundle), *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), *args], capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
