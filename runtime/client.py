@@ -82,16 +82,19 @@ def _request(
     return ScoreRequest(problem, list(candidates or []), **options)
 
 
-def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-
-
-def _credentials(root_ca: Path | None, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=root_ca.read_bytes() if root_ca else None,
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
+def _channel(
+    api: Any, target: str, tls: bool, root_ca: Path | None, cert: Path | None, key: Path | None, max_bytes: int
+) -> Any:
+    """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given."""
+    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+    if tls or root_ca or cert:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root_ca.read_bytes() if root_ca else None,
+            private_key=key.read_bytes() if key else None,
+            certificate_chain=cert.read_bytes() if cert else None,
+        )
+        return api.secure_channel(target, creds, options=options)
+    return api.insecure_channel(target, options=options)
 
 
 def _stub(channel: Any) -> Any:
@@ -100,8 +103,9 @@ def _stub(channel: Any) -> Any:
 
 
 class _Base:
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, timeout: float | None) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._timeout = timeout
 
 
 class Client(_Base):
@@ -118,14 +122,9 @@ class Client(_Base):
         timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
     ) -> None:
-        super().__init__(token)
-        args = _channel_args(max_message_bytes)
-        if tls or root_ca or cert:
-            self._channel = grpc.secure_channel(target, _credentials(root_ca, cert, key), options=args)
-        else:
-            self._channel = grpc.insecure_channel(target, options=args)
+        super().__init__(token, timeout)
+        self._channel = _channel(grpc, target, tls, root_ca, cert, key, max_message_bytes)
         self._stub = _stub(self._channel)
-        self._timeout = timeout
 
     def score(
         self,
@@ -192,14 +191,9 @@ class AsyncClient(_Base):
         timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
     ) -> None:
-        super().__init__(token)
-        args = _channel_args(max_message_bytes)
-        if tls or root_ca or cert:
-            self._channel = grpc.aio.secure_channel(target, _credentials(root_ca, cert, key), options=args)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=args)
+        super().__init__(token, timeout)
+        self._channel = _channel(grpc.aio, target, tls, root_ca, cert, key, max_message_bytes)
         self._stub = _stub(self._channel)
-        self._timeout = timeout
 
     async def score(
         self,

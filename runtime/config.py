@@ -12,6 +12,14 @@ from stepscore.errors import ConfigError
 from stepscore.runtime.bundle import Manifest
 
 
+def model_attention_cost(manifest: Manifest) -> float:
+    """Per token and layer, attention costs ~4 * S * (heads x head_dim) FLOPs over a row of S tokens, the
+    rest of the layer ~2 * its parameters: their ratio per unit of S."""
+    m = manifest.model
+    per_layer = max(1, (m.num_parameters - m.vocab_size * m.hidden_size) // max(1, m.num_layers))
+    return 2.0 * m.num_heads * m.head_dim / per_layer
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_tokens: int = 16384  # tokens per engine run: rows x row length, padding included
@@ -23,6 +31,9 @@ class EngineConfig:
     share_prefixes: bool = True  # compute shared token prefixes once (tree rows)
     pack_rows: bool = True  # several sequences per row instead of one padded row each
     min_shared_tokens: int = 8  # shorter common prefixes are not worth tying candidates together
+    # attention's cost per token and unit of row length relative to the rest of a layer (see packing);
+    # -1 = derive it from the model's shape (2 * query width / parameters per layer)
+    attention_cost: float = -1.0
     tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
     io_binding: bool | None = None  # None = on for CUDA, off for CPU
@@ -66,4 +77,6 @@ class EngineConfig:
             )
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["max_seq_len"] = max_seq_len
+        if self.attention_cost < 0:
+            values["attention_cost"] = model_attention_cost(manifest)
         return EngineConfig(**values)

@@ -36,9 +36,13 @@ I64Array = npt.NDArray[np.int64]
 class PackOptions:
     share_prefixes: bool = True
     pack_rows: bool = True
-    row_tokens: int = 2048  # target row length; a longer candidate gets a row of its own length
+    row_tokens: int = 2048  # longest row a shared tree may fill; a longer candidate gets a row of its own
     row_multiple: int = 16  # the row length S is rounded up to a multiple of this
     min_shared: int = 8  # neighbours sharing fewer tokens are not kept in the same tree
+    # Attention's cost per token per unit of row length, relative to the rest of a layer's per-token
+    # cost (about 2 * hidden / parameters per layer): it decides how long a tree row may grow before
+    # sharing costs more than it saves. 0: always share as much as row_tokens allows.
+    attention_cost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,46 +131,31 @@ class SharedTokenCounter:
         return new
 
 
-def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | None = None, pad_id: int = 0) -> PackedBatch:
-    """Lay out `items` in rows. Every item's reads map to entries of the [B, K] output.
-
-    With `max_tokens`, rows beyond B * S <= max_tokens are left out (at least one row is kept) and
-    their items are reported in `leftover`.
-    """
-    n = len(items)
-    if n == 0:
-        raise ValueError("pack() needs at least one item")
-    lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
-    capacity = max(options.row_tokens, int(lengths.max()))
-
-    # 1. order and neighbour LCPs
-    if options.share_prefixes:
-        order = sorted(range(n), key=lambda i: _key(items[i].ids))
-        shared = [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
-    else:
-        order = list(range(n))
-        shared = [0] * n
-
-    # 2. pieces: runs of neighbours that share a prefix, split where a row would overflow
+def _pieces(
+    order: Sequence[int], shared: Sequence[int], lengths: npt.NDArray[np.int64], capacity: int, min_shared: int
+) -> tuple[list[list[tuple[int, int]]], list[int]]:
+    """Runs of sorted neighbours that share a prefix (a tree each), split where a tree would exceed
+    `capacity` tokens; the next piece then starts with its whole first candidate."""
     pieces: list[list[tuple[int, int]]] = []  # (item index, tokens shared with the previous item)
     sizes: list[int] = []
     for j, i in enumerate(order):
-        common = shared[j] if shared[j] >= options.min_shared else 0
+        common = shared[j] if shared[j] >= min_shared else 0
         if pieces and common > 0 and sizes[-1] + int(lengths[i]) - common <= capacity:
             pieces[-1].append((i, common))
             sizes[-1] += int(lengths[i]) - common
         else:
             pieces.append([(i, 0)])
             sizes.append(int(lengths[i]))
+    return pieces, sizes
 
-    # 3. rows: first-fit decreasing into rows as long as the largest piece (or one piece per row when
-    # packing is off). Attention costs the square of the row length, so independent pieces are packed
-    # only up to the length the batch needs anyway; only a shared tree makes a row longer than its
-    # longest candidate, and then it saves more than it costs.
+
+def _rows(sizes: Sequence[int], options: PackOptions) -> tuple[list[list[int]], list[int]]:
+    """First-fit decreasing into rows as long as the largest piece (one piece per row when packing is
+    off): independent pieces are packed only up to the row length the batch needs anyway."""
     rows: list[list[int]] = []
     fill: list[int] = []
     row_capacity = -(-max(sizes) // options.row_multiple) * options.row_multiple
-    for p in sorted(range(len(pieces)), key=lambda p: -sizes[p]):
+    for p in sorted(range(len(sizes)), key=lambda p: -sizes[p]):
         if options.pack_rows:
             for r in range(len(rows)):
                 if fill[r] + sizes[p] <= row_capacity:
@@ -179,6 +168,45 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
         else:
             rows.append([p])
             fill.append(sizes[p])
+    return rows, fill
+
+
+def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | None = None, pad_id: int = 0) -> PackedBatch:
+    """Lay out `items` in rows. Every item's reads map to entries of the [B, K] output.
+
+    With `max_tokens`, rows beyond B * S <= max_tokens are left out (at least one row is kept) and
+    their items are reported in `leftover`.
+    """
+    n = len(items)
+    if n == 0:
+        raise ValueError("pack() needs at least one item")
+    lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
+
+    # 1. order and neighbour LCPs
+    if options.share_prefixes:
+        order = sorted(range(n), key=lambda i: _key(items[i].ids))
+        shared = [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
+    else:
+        order = list(range(n))
+        shared = [0] * n
+
+    # 2-3. pieces and rows for a few tree capacities; keep the cheapest layout. A larger capacity shares
+    # more (fewer tokens) but makes longer rows, and attention costs every token the whole row length:
+    # per token, cost ~ 1 + attention_cost * S (see PackOptions).
+    longest = int(lengths.max())
+    capacities = [longest]
+    while options.share_prefixes and capacities[-1] < options.row_tokens:
+        capacities.append(min(options.row_tokens, 2 * capacities[-1]))
+    best: tuple[float, list[list[tuple[int, int]]], list[int], list[list[int]], list[int]] | None = None
+    for capacity in capacities:
+        pieces, sizes = _pieces(order, shared, lengths, capacity, options.min_shared)
+        rows, fill = _rows(sizes, options)
+        seq = -(-max(fill) // options.row_multiple) * options.row_multiple
+        cost = len(rows) * seq * (1.0 + options.attention_cost * seq)
+        if best is None or cost < best[0]:
+            best = (cost, pieces, sizes, rows, fill)
+    assert best is not None
+    _, pieces, sizes, rows, fill = best
 
     m = options.row_multiple
     seq = -(-max(fill) // m) * m

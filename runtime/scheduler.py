@@ -100,6 +100,7 @@ class Scheduler:
             row_tokens=config.row_tokens,
             row_multiple=config.row_multiple,
             min_shared=config.min_shared_tokens,
+            attention_cost=max(0.0, config.attention_cost),
         )
         self.stats = SchedulerStats()
         # called after every engine run with (batch, seconds); metrics subscribe here

@@ -230,6 +230,28 @@ def processbench(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, list[
             yield record["problem"], [steps]
 
 
+def _problems_and_pool(records: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, list[list[str]]]], dict[int, list[str]]]:
+    """Each record's problem and its completions split into steps, and every step by its depth."""
+    problems = [(r["problem"], [s for s in (split_steps(c) for c in r["completions"]) if s]) for r in records]
+    problems = [(p, c) for p, c in problems if c]
+    pool: dict[int, list[str]] = {}
+    for _, completions in problems:
+        for steps in completions:
+            for depth, step in enumerate(steps):
+                pool.setdefault(depth, []).append(step)
+    return problems, pool
+
+
+def _iteration_major(per_problem: Sequence[tuple[str, list[list[list[str]]]]]) -> list[tuple[str, list[list[str]]]]:
+    """Calls ordered iteration by iteration across problems, as a client searching many problems at once."""
+    out: list[tuple[str, list[list[str]]]] = []
+    for t in range(max((len(c) for _, c in per_problem), default=0)):
+        for problem, calls in per_problem:
+            if t < len(calls):
+                out.append((problem, calls[t]))
+    return out
+
+
 def beam_search_iterations(
     records: Sequence[dict[str, Any]],
     rng: np.random.Generator,
@@ -258,14 +280,7 @@ def beam_search_iterations(
     are the whole completions. Requests are ordered iteration by iteration across problems, like a client
     searching many problems at once. `limit` keeps whole problems while their requests fit (at least one).
     """
-    problems = [(r["problem"], [s for s in (split_steps(c) for c in r["completions"]) if s]) for r in records]
-    problems = [(p, c) for p, c in problems if c]
-    # stand-in steps by depth (0-based), from every problem of the trace
-    pool: dict[int, list[str]] = {}
-    for _, completions in problems:
-        for steps in completions:
-            for depth, step in enumerate(steps):
-                pool.setdefault(depth, []).append(step)
+    problems, pool = _problems_and_pool(records)  # stand-in steps by depth (0-based), from every problem
     everything = [s for steps in pool.values() for s in steps]
 
     per_problem: list[tuple[str, list[list[list[str]]]]] = []
@@ -289,12 +304,7 @@ def beam_search_iterations(
             break
         per_problem.append((problem, calls))
         total += len(calls)
-    out: list[tuple[str, list[list[str]]]] = []
-    for t in range(max((len(c) for _, c in per_problem), default=0)):
-        for problem, calls in per_problem:
-            if t < len(calls):
-                out.append((problem, calls[t]))
-    return out
+    return _iteration_major(per_problem)
 
 
 def dvts_iterations(
@@ -313,17 +323,12 @@ def dvts_iterations(
     prefixes are shared within groups of 4, not across the call as in beam search.
 
     Rebuilt from the trace: the subtree paths are 4 completions with different first steps where the
-    problem has them (its most diverse final beams); at iteration t each subtree sends its path's
+    problem has them (its most diverse final beams), else completions given a stand-in first step (so
+    subtrees share nothing but the prompt); at iteration t each subtree sends its path's
     (t - 1)-step prefix extended by the path's own t-th step and by 3 stand-in steps drawn (seeded) from the
     traces' steps at depth t. A subtree whose path has ended stops, as a finished DVTS subtree does.
     """
-    problems = [(r["problem"], [s for s in (split_steps(c) for c in r["completions"]) if s]) for r in records]
-    problems = [(p, c) for p, c in problems if c]
-    pool: dict[int, list[str]] = {}
-    for _, completions in problems:
-        for steps in completions:
-            for depth, step in enumerate(steps):
-                pool.setdefault(depth, []).append(step)
+    problems, pool = _problems_and_pool(records)
     everything = [s for steps in pool.values() for s in steps]
     subtrees = n // beam_width
 
@@ -334,7 +339,12 @@ def dvts_iterations(
         for steps in completions:
             by_first.setdefault(steps[0], steps)
         paths = list(by_first.values())[:subtrees]
-        paths += [completions[k % len(completions)] for k in range(subtrees - len(paths))]
+        # Beam search's survivors often agree on their first step, DVTS's subtrees never share one: the
+        # missing subtrees take other completions with a stand-in first step, so they diverge at once.
+        others = [c for c in completions if c not in paths] or completions
+        while len(paths) < subtrees:
+            path = others[len(paths) % len(others)]
+            paths.append([pool[0][int(rng.integers(len(pool[0])))], *path[1:]])
         iterations = min(max(len(p) for p in paths), max_iterations)
         calls: list[list[list[str]]] = []
         for t in range(1, iterations + 1):
@@ -351,12 +361,7 @@ def dvts_iterations(
             break
         per_problem.append((problem, calls))
         total += len(calls)
-    out: list[tuple[str, list[list[str]]]] = []
-    for t in range(max((len(c) for _, c in per_problem), default=0)):
-        for problem, calls in per_problem:
-            if t < len(calls):
-                out.append((problem, calls[t]))
-    return out
+    return _iteration_major(per_problem)
 
 
 def _unique(items: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:

@@ -51,6 +51,7 @@ options = st.builds(
     row_tokens=st.integers(1, 120),
     row_multiple=st.sampled_from([1, 8, 16]),
     min_shared=st.integers(1, 4),
+    attention_cost=st.sampled_from([0.0, 0.001, 0.05]),
 )
 
 
@@ -98,6 +99,19 @@ def test_trees_larger_than_a_row_split_cleanly_and_budget_leaves_leftovers() -> 
     limited = pack(items, PackOptions(row_tokens=128, row_multiple=1), max_tokens=128)
     assert limited.shape[0] == 1 and limited.leftover
     assert all(len(limited.item_reads[i]) == 0 for i in limited.leftover)
+
+
+def test_attention_cost_trades_sharing_for_shorter_rows() -> None:
+    # 8 candidates of 100 tokens sharing a 20-token prefix: one 660-token tree row, or 8 short rows
+    prefix = list(range(1, 21))
+    items = [Formatted(np.array([*prefix, *([100 + k] * 80)], np.int32), np.array([99], np.int32)) for k in range(8)]
+    free = pack(items, PackOptions(row_tokens=1024, row_multiple=1))
+    assert free.shape == (1, 20 + 8 * 80)
+    costly = pack(items, PackOptions(row_tokens=1024, row_multiple=1, attention_cost=0.01))
+    assert costly.shape[1] < 200  # rows no longer than a few candidates: attention dominates
+    long_shared = [Formatted(np.array([*range(1, 501), 900 + k], np.int32), np.array([500], np.int32)) for k in range(8)]
+    tree = pack(long_shared, PackOptions(row_tokens=1024, row_multiple=1, attention_cost=0.01))
+    assert tree.shape == (1, 508)  # a long shared prefix is still worth one row
 
 
 def test_shared_token_counter_matches_a_trie() -> None:
