@@ -203,9 +203,13 @@ def parse_line(obj: Any) -> ScoreRequest:
     aggregates = obj.get("aggregates", [])
     if not isinstance(aggregates, list):
         raise InvalidRequest("aggregates", "must be a list of names")
+    prefix = obj.get("prefix_steps", [])
+    if not isinstance(prefix, list):
+        raise InvalidRequest("prefix_steps", "must be a list of step strings")
     return ScoreRequest(
         problem=problem,
         candidates=candidates,
+        prefix_steps=tuple(prefix),
         aggregates=tuple(aggregates),
         truncate_left=bool(obj.get("truncate_left", False)),
         return_step_scores=bool(obj.get("return_step_scores", True)),

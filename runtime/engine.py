@@ -51,6 +51,11 @@ def validate_request(request: ScoreRequest) -> None:
                 raise InvalidRequest(f"candidates[{i}].steps[{j}]", "must be a string")
             if not step.strip():
                 raise InvalidRequest(f"candidates[{i}].steps[{j}]", "is empty")
+    for j, step in enumerate(request.prefix_steps):
+        if not isinstance(step, str) or not step.strip():
+            raise InvalidRequest(f"prefix_steps[{j}]", "is empty" if isinstance(step, str) else "must be a string")
+    if request.prefix_steps and any(isinstance(c, TokenIds) for c in request.candidates):
+        raise InvalidRequest("prefix_steps", "applies to step-text candidates only, not to token ids")
     unknown = [a for a in request.aggregates if a not in AGGREGATES]
     if unknown:
         raise InvalidRequest("aggregates", f"unknown {unknown}; known: {', '.join(AGGREGATES)}")

@@ -79,7 +79,7 @@ class Formatter:
         layouts: dict[int, _Layout] = {}
         for i, cand in enumerate(request.candidates):
             if not isinstance(cand, TokenIds):
-                layouts[i] = self._layout(request.problem, cand)
+                layouts[i] = self._layout(request.problem, request.steps_of(cand))
         encoded = self._encode_runs([p for layout in layouts.values() for p in layout.pieces if isinstance(p, str)])
         out: list[Formatted] = []
         for i, cand in enumerate(request.candidates):

@@ -46,6 +46,13 @@ class ScoreRequest:
     soft_min_temperature: float = 0.1
     deadline: float | None = None
     request_id: str = ""
+    # Steps every text candidate starts with (beam search: the kept beam; candidates are next steps).
+    # The engine shares them whatever the shape of the request; this only saves sending them N times.
+    prefix_steps: Sequence[str] = ()
+
+    def steps_of(self, candidate: Sequence[str]) -> list[str]:
+        """A text candidate's whole chain: the prefix steps, then its own."""
+        return [*self.prefix_steps, *candidate]
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def request_from_proto(msg: Any, grpc_deadline: float | None = None) -> ScoreReq
         soft_min_temperature=msg.soft_min_temperature or 0.1,
         deadline=deadline,
         request_id=msg.request_id,
+        prefix_steps=tuple(msg.prefix_steps),
     )
 
 
@@ -49,6 +50,7 @@ def request_to_proto(request: ScoreRequest) -> Any:
         return_step_scores=request.return_step_scores,
         truncate_left=request.truncate_left,
         soft_min_temperature=request.soft_min_temperature,
+        prefix_steps=list(request.prefix_steps),
     )
     for cand in request.candidates:
         if isinstance(cand, TokenIds):

@@ -265,3 +265,33 @@ def test_stress_every_accepted_request_is_answered_once(tiny_bundle: Callable[..
         assert len(backend.batches) < outcomes["ok"]  # requests were batched together
 
     asyncio.run(run())
+
+
+def test_prefix_steps_shape_equals_whole_candidates(tiny_bundle: Callable[..., Path]) -> None:
+    prefix = ["first we add two and three.", "that gives five."]
+    nexts = ["then multiply by four.", "then add four.", "so the answer is twenty."]
+    with SyncEngine(tiny_bundle("qwen-prm")) as engine:
+        shaped = engine.score(ScoreRequest("p?", [[s] for s in nexts], prefix_steps=prefix))
+        whole = engine.score(ScoreRequest("p?", [[*prefix, s] for s in nexts]))
+        for a, b in zip(shaped.candidates, whole.candidates, strict=True):
+            assert len(a.step_scores) == 3
+            np.testing.assert_allclose(a.step_scores, b.step_scores, atol=1e-6)
+        with pytest.raises(InvalidRequest, match="prefix_steps"):
+            engine.score(ScoreRequest("p?", [TokenIds([1, 2, 3], [2])], prefix_steps=prefix))
+        with pytest.raises(InvalidRequest, match=r"prefix_steps\[1\]"):
+            engine.score(ScoreRequest("p?", [["x"]], prefix_steps=["ok", " "]))
+
+
+def test_several_backends_share_one_queue(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("trl")
+    requests = _requests(5, 40)
+
+    async def run() -> None:
+        backends = [Recording(OrtBackend(bundle / "model.onnx"), delay=0.02) for _ in range(2)]
+        engine = Engine(load_bundle(bundle), backends, EngineConfig(max_batch_tokens=1024, row_tokens=512))
+        async with engine:
+            results = await asyncio.gather(*(engine.score(r) for r in requests))
+        assert all(len(r.candidates) == len(q.candidates) for r, q in zip(results, requests, strict=True))
+        assert all(b.batches for b in backends)  # both devices took batches from the one queue
+
+    asyncio.run(run())

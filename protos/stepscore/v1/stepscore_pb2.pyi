@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "problem", "candidates", "aggregates", "return_step_scores", "truncate_left", "soft_min_temperature", "timeout_ms")
+    __slots__ = ("request_id", "problem", "candidates", "aggregates", "return_step_scores", "truncate_left", "soft_min_temperature", "timeout_ms", "prefix_steps")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ScoreRequest(_message.Message):
     TRUNCATE_LEFT_FIELD_NUMBER: _ClassVar[int]
     SOFT_MIN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_STEPS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     problem: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -24,7 +25,8 @@ class ScoreRequest(_message.Message):
     truncate_left: bool
     soft_min_temperature: float
     timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., problem: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., aggregates: _Optional[_Iterable[str]] = ..., return_step_scores: _Optional[bool] = ..., truncate_left: _Optional[bool] = ..., soft_min_temperature: _Optional[float] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    prefix_steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., problem: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., aggregates: _Optional[_Iterable[str]] = ..., return_step_scores: _Optional[bool] = ..., truncate_left: _Optional[bool] = ..., soft_min_temperature: _Optional[float] = ..., timeout_ms: _Optional[int] = ..., prefix_steps: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("steps", "tokens")

@@ -28,13 +28,26 @@ GOOD = ["2+3=5.", "5*4=20.", "The answer is 20."]
 
 
 def _heavy(n: int = 120, steps: int = 8) -> list[list[str]]:
-    """A request that keeps a CPU busy for a while (many candidates, nothing shared)."""
+    """A request that keeps a CPU busy for a while (many candidates, nothing shared): 600 of them take
+    about 3 s on the slow bundle, so a test can act while it runs."""
     return [[f"candidate {k} step {i}: {k * 31 + i} plus {i} is {k * 31 + 2 * i}." for i in range(steps)] for k in range(n)]
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle: Callable[..., Path]) -> Path:
     return tiny_bundle("qwen-prm")
+
+
+@pytest.fixture(scope="module")
+def slow_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wider tiny model (hidden 256): heavy requests take seconds, so tests can act while one runs."""
+    from stepscore.export.pipeline import export_model
+    from tests.helpers.tiny_models import build
+
+    root = tmp_path_factory.mktemp("slow")
+    model = build("qwen-prm", root / "model", hidden=256)
+    export_model(str(model), root / "bundle", precision="fp32", progress=lambda _: None)
+    return root / "bundle"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +77,9 @@ def test_unary_info_and_health(server: ServerProcess) -> None:
         assert result.timing.total_ms >= result.timing.compute_ms > 0
         no_steps = client.score(PROBLEM, [GOOD], return_step_scores=False, aggregates=["last"])
         assert no_steps.candidates[0].step_scores == [] and "last" in no_steps.candidates[0].aggregates
+        shaped = client.score(PROBLEM, [["5*4=20."], ["5*4=21."]], prefix_steps=GOOD[:1])
+        assert [len(c.step_scores) for c in shaped.candidates] == [2, 2]
+        assert shaped.candidates[0].step_scores[0] == pytest.approx(shaped.candidates[1].step_scores[0])
         info = client.info()
         assert info["family"] == "token_cls" and info["preset"] == "qwen-prm" and info["max_seq_len"] > 0
         assert "soft_min" in info["aggregates"] and info["manifest"]["format"]["step"]
@@ -73,10 +89,10 @@ def test_unary_info_and_health(server: ServerProcess) -> None:
     channel.close()
 
 
-def test_stream_answers_out_of_order(server: ServerProcess) -> None:
-    async def run() -> list[str]:
-        async with AsyncClient(server.target) as client:
-            requests = [ScoreRequest(PROBLEM, _heavy(150), request_id="slow")]
+def test_stream_answers_out_of_order(slow_bundle: Path) -> None:
+    async def run(target: str) -> list[str]:
+        async with AsyncClient(target) as client:
+            requests = [ScoreRequest(PROBLEM, _heavy(600), request_id="slow")]
             requests += [ScoreRequest(PROBLEM, [GOOD], request_id=f"fast{i}") for i in range(5)]
             requests += [ScoreRequest(PROBLEM, [["ok", ""]], request_id="bad")]
             order = []
@@ -88,7 +104,9 @@ def test_stream_answers_out_of_order(server: ServerProcess) -> None:
                     assert item.result is not None and item.result.request_id == item.request_id
             return order
 
-    order = asyncio.run(run())
+    # small batches: the slow request spans many engine runs, and the fast ones get in between
+    with serve(slow_bundle, "--max-batch-tokens", "2048", "--row-tokens", "512") as server:
+        order = asyncio.run(run(server.target))
     assert sorted(order) == sorted(["slow", "bad", *[f"fast{i}" for i in range(5)]])  # each exactly once
     assert order[-1] == "slow"  # the slow request held up nobody
 
@@ -145,8 +163,8 @@ def test_reflection_lists_the_service(server: ServerProcess) -> None:
     assert "stepscore.v1.StepScorer" in names and "grpc.health.v1.Health" in names
 
 
-def test_overload_is_immediate_and_admission_is_atomic(bundle: Path) -> None:
-    with serve(bundle, "--max-queued-requests", "3", "--max-batch-tokens", "2048", "--row-tokens", "512") as s:
+def test_overload_is_immediate_and_admission_is_atomic(slow_bundle: Path) -> None:
+    with serve(slow_bundle, "--max-queued-requests", "3", "--max-batch-tokens", "2048", "--row-tokens", "512") as s:
 
         def call(_: int) -> tuple[str, float]:
             started = time.perf_counter()
@@ -168,15 +186,15 @@ def test_overload_is_immediate_and_admission_is_atomic(bundle: Path) -> None:
     assert max(refused) < min(ok)  # refusals come at once, long before any heavy answer
 
 
-def test_deadline_and_cancel_drop_queued_work(bundle: Path) -> None:
+def test_deadline_and_cancel_drop_queued_work(slow_bundle: Path) -> None:
     metrics_port = _free_port()
-    with serve(bundle, "--metrics-port", str(metrics_port), "--max-wait-ms", "0") as s:
+    with serve(slow_bundle, "--metrics-port", str(metrics_port), "--max-wait-ms", "0") as s:
         with Client(s.target) as client:
             client.wait_ready()
 
         async def run() -> int:
             async with AsyncClient(s.target) as client:
-                busy = asyncio.create_task(client.score(PROBLEM, _heavy(150)))
+                busy = asyncio.create_task(client.score(PROBLEM, _heavy(600)))
                 await asyncio.sleep(0.3)
                 with pytest.raises(DeadlineExceeded):
                     await client.score(PROBLEM, [["expiring step"]], timeout=0.2)
@@ -197,12 +215,12 @@ def test_deadline_and_cancel_drop_queued_work(bundle: Path) -> None:
     assert 'code="DEADLINE_EXCEEDED"' in codes and "stepscore_queue_depth" in codes
 
 
-def test_sigterm_drains_then_exits_zero(bundle: Path) -> None:
-    with serve(bundle, "--grace-seconds", "30") as s:
+def test_sigterm_drains_then_exits_zero(slow_bundle: Path) -> None:
+    with serve(slow_bundle, "--grace-seconds", "30") as s:
         with Client(s.target) as client:
             client.wait_ready()
         with ThreadPoolExecutor(2) as pool:
-            inflight = pool.submit(lambda: Client(s.target).score(PROBLEM, _heavy(150)))
+            inflight = pool.submit(lambda: Client(s.target).score(PROBLEM, _heavy(600)))
             time.sleep(0.5)
             s.proc.send_signal(15)
             time.sleep(0.2)
@@ -212,7 +230,7 @@ def test_sigterm_drains_then_exits_zero(bundle: Path) -> None:
             with Client(s.target) as late, pytest.raises(Unavailable):
                 late.score(PROBLEM, [GOOD])
             channel.close()
-            assert len(inflight.result(timeout=60).candidates) == 150  # in-flight work finished
+            assert len(inflight.result(timeout=60).candidates) == 600  # in-flight work finished
         assert s.proc.wait(timeout=30) == 0
 
 
