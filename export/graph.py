@@ -41,6 +41,8 @@ MS_DOMAIN = "com.microsoft"
 _EXTERNAL_MIN_BYTES = 1024
 # External data offsets aligned to the page size let onnxruntime memory-map the weights.
 _ALIGN = 4096
+# Models larger than this keep their weights in `model.onnx.data` (smaller ones: one self-contained file).
+EXTERNAL_DATA_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,9 @@ class _Writer:
             self._data.close()
 
     def weight(self, name: str, array: npt.NDArray[Any], dtype: Any | None = None, count: bool = True) -> str:
-        # (not np.ascontiguousarray: it turns 0-d scalars into 1-d arrays)
-        arr = np.array(array, dtype=dtype if dtype is not None else self.np_dtype, order="C", copy=True)
+        # converts (fp16) or reuses (fp32, already contiguous) without a needless copy; not
+        # np.ascontiguousarray, which turns 0-d scalars into 1-d arrays
+        arr = np.asarray(array, dtype=dtype if dtype is not None else self.np_dtype, order="C")
         if arr.dtype == np.float16 and array.dtype != np.float16:
             if not np.isfinite(arr).all() and np.isfinite(array).all():
                 raise ExportError(
@@ -106,7 +109,7 @@ class _Writer:
             if pad:
                 self._data.write(b"\0" * pad)
                 self._offset += pad
-            self._data.write(arr.tobytes())
+            self._data.write(memoryview(arr).cast("B"))  # no copy of the tensor
             tensor = TensorProto()
             tensor.name = name
             tensor.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
@@ -157,7 +160,9 @@ def build_graph(
     if external_data is None:
         bytes_per = 2 if precision == "fp16" else 4
         approx = (spec.vocab_size + spec.num_layers * 12 * spec.hidden_size) * spec.hidden_size * bytes_per
-        external_data = approx > 1_500_000_000  # protobuf files cannot exceed 2 GB
+        # Protobuf files cannot exceed 2 GB, and weights inside the graph file are all held in memory
+        # until it is written: past a small size they stream to the data file instead.
+        external_data = approx > EXTERNAL_DATA_BYTES
     data_path = out_dir / f"{graph_name}.data" if external_data else None
     w = _Writer(dtype, data_path)
     try:

@@ -138,6 +138,7 @@ def export_model(
             work,
             external_data=external_data,
         )
+        weights.close()  # before validation loads the reference: keep one copy of the model at a time
         t = stage(2, "export", t)
 
         # 3. structure: the fused ops are there, once per layer

@@ -50,6 +50,9 @@ class _SafetensorsFile:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._mmap
 
+    def close(self) -> None:
+        self._mmap = None  # the mapped pages leave this process's memory
+
     def read(self, name: str) -> F32Array:
         info = self.header[name]
         start, end = info["data_offsets"]
@@ -58,8 +61,11 @@ class _SafetensorsFile:
             raise ExportError(f"{self.path.name}: tensor {name} has unsupported dtype {info['dtype']}")
         raw = self._raw()[self.base + start : self.base + end]
         if kind == "bf16":
-            # bf16 is the top half of an fp32: widen by shifting into the high 16 bits.
-            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            # bf16 is the top half of an fp32: widen by shifting into the high 16 bits, in one
+            # allocation (the largest tensor, an embedding table, sets the export's peak memory).
+            wide = np.empty(raw.shape[0] // 2, dtype=np.uint32)
+            np.left_shift(raw.view(np.uint16), 16, out=wide, dtype=np.uint32)
+            arr = wide.view(np.float32)
         else:
             arr = raw.view(kind).astype(np.float32)
         return arr.reshape(info["shape"])
@@ -99,6 +105,12 @@ class WeightStore:
         if st is None:
             raise ExportError(f"checkpoint has no tensor {name!r}")
         return st.read(name)
+
+    def close(self) -> None:
+        """Unmap the checkpoint files (their touched pages count in the process's memory)."""
+        for st in set(self._index.values()):
+            st.close()
+        self._torch = None if self._torch is None else {}
 
     def items(self, prefix: str = "") -> Iterator[tuple[str, F32Array]]:
         for name in self.names():
