@@ -109,7 +109,7 @@ class _Writer:
             if pad:
                 self._data.write(b"\0" * pad)
                 self._offset += pad
-            self._data.write(memoryview(arr).cast("B"))  # no copy of the tensor
+            arr.tofile(self._data)  # straight from the array: no bytes copy of the tensor
             tensor = TensorProto()
             tensor.name = name
             tensor.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
