@@ -33,7 +33,7 @@ CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SHARED = ROOT.parent / "shared"
 
-# 8 layers, hidden 384: a 64M-parameter PRM (58M of it the 151k-token embedding table, 9M the body).
+# 8 layers, hidden 384: a 71M-parameter PRM (58M of it the 151k-token embedding table, 13M the body).
 SHAPE = dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
              intermediate_size=1024)  # fmt: skip
 
@@ -170,7 +170,7 @@ async def runtime_section(args: argparse.Namespace) -> None:
 
 {environment()}. Command: `{cmd_line()}`.
 Model: Qwen2-shaped PRM, random weights, {SHAPE["num_hidden_layers"]} layers x hidden {SHAPE["hidden_size"]}
-(9M body + 58M embedding parameters), real Qwen2.5-Math-PRM tokenizer, fp32. Workload: {len(wl.requests)} Best-of-N
+(13M body + 58M embedding parameters), real Qwen2.5-Math-PRM tokenizer, fp32. Workload: {len(wl.requests)} Best-of-N
 requests (N = 16 completions of one MATH problem each) from the search-and-learn traces (`{wl.source}`).
 
 | system | tokens/s | requests/s | p50 latency | padding | vs (a) | vs (b) |
