@@ -59,10 +59,13 @@ def test_shipped_bundle_is_the_shipped_checkpoint_exported(tmp_path: Path, engin
     shipped = load_bundle(default_bundle()).manifest
     again = load_bundle(fresh).manifest
     assert again.format == shipped.format and again.head == shipped.head and again.model == shipped.model
+    assert again.graph == shipped.graph
     data = held_out(seed=5, problems=20, per_problem=4)
     with SyncEngine(fresh) as fresh_engine:
         a = _scorer(engine)(data)
         b = _scorer(fresh_engine)(data)
+    # Dynamic batching may pack the two runs' chains into different rows, which reorders fp32 sums: a few 1e-6 apart
+    # is rounding, a retrained or differently built graph moves scores by orders of magnitude more.
     for xs, ys in zip(a, b, strict=True):
         for x, y in zip(xs, ys, strict=True):
-            np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(x, y, atol=2e-5, rtol=0)
