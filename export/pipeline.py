@@ -19,6 +19,7 @@ from pathlib import Path
 from stepscore.errors import ExportError
 from stepscore.export.families import MAX_ROW_TOKENS, ModelPlan, plan_export, rope_cache
 from stepscore.export.graph import DecoderSpec, build_graph, fused_op_counts
+from stepscore.export.plain import derive_plain_graph
 from stepscore.export.presets import ExportOptions
 from stepscore.export.reference import Reference
 from stepscore.export.samples import SAMPLE_CHAINS
@@ -40,6 +41,10 @@ from stepscore.runtime.types import ScoreRequest
 Progress = Callable[[str], None]
 
 # Ops a decoder layer must have been built from; the structure check counts them per layer.
+PLAIN_GRAPH = "model_plain.onnx"
+# onnxruntime's CPU GroupQueryAttention refuses other head sizes ("head_size shall be a multiple of 16"); the
+# families this targets have 64 or 128
+GQA_HEAD_MULTIPLE = 16
 FUSED_PER_LAYER = ("MultiHeadAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization")
 
 
@@ -139,6 +144,9 @@ def export_model(
             external_data=external_data,
         )
         weights.close()  # before validation loads the reference: keep one copy of the model at a time
+        plain_path: Path | None = None
+        if plan.decoder.head_dim % GQA_HEAD_MULTIPLE == 0:
+            plain_path = derive_plain_graph(graph_path, work / PLAIN_GRAPH, plan.decoder.num_heads, plan.decoder.num_kv_heads)
         t = stage(2, "export", t)
 
         # 3. structure: the fused ops are there, once per layer
@@ -154,24 +162,35 @@ def export_model(
             if ops.get(op, 0) < expected:
                 raise ExportError(f"graph has {ops.get(op, 0)} {op} nodes, expected {expected}")
         progress("        " + ", ".join(f"{ops.get(op, 0)} {op}" for op in (*FUSED_PER_LAYER, "QuickGelu")))
+        if plain_path is not None:
+            gqa = fused_op_counts(plain_path).get("GroupQueryAttention", 0)
+            if gqa != layers:
+                raise ExportError(f"plain-row graph has {gqa} GroupQueryAttention nodes, expected {layers}")
+            progress(f"        plain-row graph: {gqa} GroupQueryAttention")
+        else:
+            progress(
+                f"        no plain-row graph: GroupQueryAttention needs a head size that is a multiple of "
+                f"{GQA_HEAD_MULTIPLE} (this model's is {plan.decoder.head_dim}); every batch uses the tree graph"
+            )
         t = stage(3, "structure", t)
 
         # 4. validate against the PyTorch reference, through the runtime's formatter and packer
         validation: dict[str, object] = {"skipped": True, "passed": None}
         if validate:
-            report = _validate(model_dir, plan, work, graph_path, precision)
+            report = _validate(model_dir, plan, work, graph_path, plain_path, precision)
+            plain_diff = f", plain rows {report.max_abs_diff_plain:.2e}" if report.max_abs_diff_plain is not None else ""
             progress(
                 f"        max |graph - reference| = {report.max_abs_diff:.2e} (alone {report.max_abs_diff_alone:.2e}, "
-                f"packed {report.max_abs_diff_packed:.2e}) over {report.num_steps} steps; tolerance {report.tolerance:g}"
+                f"packed {report.max_abs_diff_packed:.2e}{plain_diff}) over {report.num_steps} steps; "
+                f"tolerance {report.tolerance:g}"
             )
             require_pass(report)
             validation = report.as_dict()
         t = stage(4, "validate" if validate else "(skipped)", t)
 
-        files = ["tokenizer.json", graph_path.name] + ([data_path.name] if data_path else [])
-        manifest = _manifest(
-            model, model_dir, plan, precision, graph_path, data_path, n_params, ops, validation, hash_files(work, files)
-        )
+        files = ["tokenizer.json", graph_path.name] + [p.name for p in (plain_path, data_path) if p is not None]
+        graphs = (graph_path, plain_path, data_path)
+        manifest = _manifest(model, model_dir, plan, precision, graphs, n_params, ops, validation, hash_files(work, files))
         write_manifest(work, manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -189,7 +208,9 @@ def export_model(
     return ExportResult(out, manifest, seconds, peak)
 
 
-def _validate(model_dir: Path, plan: ModelPlan, work: Path, graph_path: Path, precision: Precision) -> ValidationReport:
+def _validate(
+    model_dir: Path, plan: ModelPlan, work: Path, graph_path: Path, plain_path: Path | None, precision: Precision
+) -> ValidationReport:
     formatter = Formatter(plan.format, work / "tokenizer.json", plan.decoder.vocab_size, plan.max_seq_len)
     items = [
         item
@@ -200,7 +221,7 @@ def _validate(model_dir: Path, plan: ModelPlan, work: Path, graph_path: Path, pr
     want = reference.scores(items)
     name = reference.description
     reference.close()  # free the fp32 copy before onnxruntime loads the graph
-    return validate_graph(graph_path, items, want, precision, plan.head.score, name)
+    return validate_graph(graph_path, items, want, precision, plan.head.score, name, plain_path)
 
 
 def _manifest(
@@ -208,14 +229,14 @@ def _manifest(
     model_dir: Path,
     plan: ModelPlan,
     precision: Precision,
-    graph_path: Path,
-    data_path: Path | None,
+    graphs: tuple[Path, Path | None, Path | None],  # tree graph, plain-row graph, external data
     n_params: int,
     ops: dict[str, int],
     validation: dict[str, object],
     files: dict[str, FileEntry],
 ) -> Manifest:
     d: DecoderSpec = plan.decoder
+    graph_path, plain_path, data_path = graphs
     from stepscore.export.graph import OPSET
 
     return Manifest(
@@ -252,6 +273,7 @@ def _manifest(
             fused_ops={
                 k: v for k, v in sorted(ops.items()) if k in (*FUSED_PER_LAYER, "QuickGelu", "SimplifiedLayerNormalization")
             },
+            plain_file=plain_path.name if plain_path else None,
         ),
         tokenizer_file="tokenizer.json",
         validation=validation,

@@ -1,8 +1,9 @@
 """The export gate: the graph must reproduce the PyTorch reference on sample step chains.
 
 It runs the graph twice through the runtime's own packer and backend: every candidate alone, and all of
-them packed into shared-prefix rows. Both must match the reference within the precision's tolerance;
-the figures go into the manifest and an export over tolerance exits non-zero.
+them packed into shared-prefix rows; the plain-row graph, when there is one, runs them all in one padded
+batch. Each must match the reference within the precision's tolerance; the figures go into the manifest
+and an export over tolerance exits non-zero.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ValidationReport:
     max_abs_diff: float
     max_abs_diff_alone: float
     max_abs_diff_packed: float
+    max_abs_diff_plain: float | None
     per_step_max_abs_diff: list[float]
     num_chains: int
     num_steps: int
@@ -55,8 +57,9 @@ def validate_graph(
     precision: Precision,
     rule: ScoreRule,
     reference_name: str,
+    plain_graph_path: Path | None = None,
 ) -> ValidationReport:
-    backend = OrtBackend(graph_path, "cpu")
+    backend = OrtBackend(graph_path, "cpu", plain_graph_path=plain_graph_path)
     alone: list[npt.NDArray[np.float64]] = []
     for item in items:
         batch = pack([item], PackOptions(share_prefixes=False, row_tokens=1))
@@ -64,25 +67,34 @@ def validate_graph(
     packed_batch = pack(items, PackOptions(row_tokens=max(64, sum(i.num_tokens for i in items) // 2), min_shared=1))
     flat = backend.run(packed_batch).reshape(-1)
     packed = [flat[r].astype(np.float64) for r in packed_batch.item_reads]
+    plain = None
+    if plain_graph_path is not None:
+        plain_batch = pack(items, PackOptions(plain_cost=0.0))
+        assert plain_batch.seq_lens is not None and not plain_batch.leftover
+        flat = backend.run(plain_batch).reshape(-1)
+        plain = [flat[r].astype(np.float64) for r in plain_batch.item_reads]
 
     longest = max(len(r) for r in reference)
     per_step = np.zeros(longest)
-    worst_alone = worst_packed = 0.0
-    for got_a, got_p, want in zip(alone, packed, reference, strict=True):
+    worst_alone = worst_packed = worst_plain = 0.0
+    for n, (got_a, got_p, want) in enumerate(zip(alone, packed, reference, strict=True)):
         da, dp = _diff(got_a, want, rule), _diff(got_p, want, rule)
-        if not (np.isfinite(got_a).all() and np.isfinite(got_p).all()):
-            da = dp = np.full(want.shape, np.inf)
-        per_step[: len(want)] = np.maximum(per_step[: len(want)], np.maximum(da, dp))
+        dl = _diff(plain[n], want, rule) if plain is not None else np.zeros_like(da)
+        if not all(np.isfinite(d).all() for d in (da, dp, dl)):
+            da = dp = dl = np.full(want.shape, np.inf)
+        per_step[: len(want)] = np.maximum(per_step[: len(want)], np.maximum(np.maximum(da, dp), dl))
         worst_alone = max(worst_alone, float(da.max()))
         worst_packed = max(worst_packed, float(dp.max()))
+        worst_plain = max(worst_plain, float(dl.max()))
     tolerance = TOLERANCE[precision]
-    worst = max(worst_alone, worst_packed)
+    worst = max(worst_alone, worst_packed, worst_plain)
     return ValidationReport(
         precision=precision,
         tolerance=tolerance,
         max_abs_diff=worst,
         max_abs_diff_alone=worst_alone,
         max_abs_diff_packed=worst_packed,
+        max_abs_diff_plain=worst_plain if plain is not None else None,
         per_step_max_abs_diff=[float(x) for x in per_step],
         num_chains=len(items),
         num_steps=int(sum(len(r) for r in reference)),
@@ -96,7 +108,8 @@ def require_pass(report: ValidationReport) -> None:
     if not report.passed:
         raise ValidationFailed(
             f"graph differs from the PyTorch reference by {report.max_abs_diff:.3g} "
-            f"(alone {report.max_abs_diff_alone:.3g}, packed {report.max_abs_diff_packed:.3g}) > "
+            f"(alone {report.max_abs_diff_alone:.3g}, packed {report.max_abs_diff_packed:.3g}, "
+            f"plain rows {report.max_abs_diff_plain if report.max_abs_diff_plain is not None else '-'}) > "
             f"tolerance {report.tolerance:g} for {report.precision}; per step: "
             + ", ".join(f"{x:.2g}" for x in report.per_step_max_abs_diff)
         )

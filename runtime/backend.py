@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ConfigError
-from stepscore.runtime.bundle import INPUTS, OUTPUTS
+from stepscore.runtime.bundle import INPUTS, OUTPUTS, PLAIN_INPUTS
 from stepscore.runtime.packing import PackedBatch
 
 log = logging.getLogger("stepscore.backend")
@@ -28,6 +28,7 @@ class Backend(Protocol):
     """What the scheduler needs from a device."""
 
     device: str
+    plain_rows: bool  # runs plain-row batches (PackedBatch.seq_lens) through a plain graph
 
     def run(self, batch: PackedBatch) -> F32Array:
         """Scores [B, K] float32 for one packed batch. Called from one worker thread at a time."""
@@ -60,6 +61,10 @@ class OrtBackend:
     On CUDA the inputs go through IO binding into device buffers that are reused for every batch of
     the same shape (the scheduler rounds shapes up, so there are few), and the small [B, K] output is
     bound to host memory.
+
+    With `plain_graph_path`, a second session holds the plain-row graph (export/plain.py) and runs the
+    batches the packer laid out one sequence per row; its weights are the same initializers (memory-mapped
+    from the same external data file when the model has one).
     """
 
     def __init__(
@@ -68,11 +73,14 @@ class OrtBackend:
         device: str = "cpu",
         threads: int | None = None,
         io_binding: bool | None = None,
+        plain_graph_path: Path | None = None,
     ) -> None:
         ort = _import_ort()
         self._ort = ort
         kind, index = parse_device(device)
         self.device = device
+        self._kind = kind
+        self._index = index
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -90,38 +98,48 @@ class OrtBackend:
             ]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(graph_path), sess_options=opts, providers=providers)
-        got = self.session.get_providers()
-        if kind == "cuda" and got[0] != "CUDAExecutionProvider":
-            raise ConfigError(f"onnxruntime could not start CUDA on {device!r} (providers: {got})")
-        names = tuple(i.name for i in self.session.get_inputs())
-        if names != INPUTS:
-            raise ConfigError(f"{graph_path}: graph inputs {names} are not the contract's {INPUTS}")
-        self._kind = kind
-        self._index = index
+        self.session = self._session(graph_path, opts, providers, INPUTS)
+        self.plain_session = self._session(plain_graph_path, opts, providers, PLAIN_INPUTS) if plain_graph_path else None
+        self.plain_rows = self.plain_session is not None
         self._io_binding = (kind == "cuda") if io_binding is None else io_binding
         self._buffers: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._lock = threading.Lock()
 
+    def _session(self, path: Path, opts: Any, providers: list[Any], contract: tuple[str, ...]) -> Any:
+        session = self._ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        got = session.get_providers()
+        if self._kind == "cuda" and got[0] != "CUDAExecutionProvider":
+            raise ConfigError(f"onnxruntime could not start CUDA on {self.device!r} (providers: {got})")
+        names = tuple(i.name for i in session.get_inputs())
+        if names != contract:
+            raise ConfigError(f"{path}: graph inputs {names} are not the contract's {contract}")
+        return session
+
     def run(self, batch: PackedBatch) -> F32Array:
-        feeds = {
-            INPUTS[0]: batch.input_ids,
-            INPUTS[1]: batch.position_ids,
-            INPUTS[2]: batch.attn_end,
-            INPUTS[3]: batch.step_positions,
-        }
+        feeds: dict[str, npt.NDArray[Any]]
+        if batch.seq_lens is not None and self.plain_session is not None:
+            session = self.plain_session
+            feeds = {PLAIN_INPUTS[0]: batch.input_ids, PLAIN_INPUTS[1]: batch.seq_lens, PLAIN_INPUTS[2]: batch.step_positions}
+        else:  # a plain batch is a valid tree batch too
+            session = self.session
+            feeds = {
+                INPUTS[0]: batch.input_ids,
+                INPUTS[1]: batch.position_ids,
+                INPUTS[2]: batch.attn_end,
+                INPUTS[3]: batch.step_positions,
+            }
         with self._lock:  # one run per session at a time; the scheduler already guarantees it
             if not self._io_binding:
-                out = self.session.run(list(OUTPUTS), feeds)[0]
+                out = session.run(list(OUTPUTS), feeds)[0]
                 return np.asarray(out, dtype=np.float32)
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             for name, array in feeds.items():
                 if self._kind == "cuda":
                     binding.bind_ortvalue_input(name, self._device_buffer(name, array))
                 else:
                     binding.bind_cpu_input(name, array)
             binding.bind_output(OUTPUTS[0], "cpu")
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
     def _device_buffer(self, name: str, array: npt.NDArray[Any]) -> Any:
@@ -141,8 +159,12 @@ class OrtBackend:
         from stepscore.runtime.types import Formatted
 
         ids = np.arange(1, 17, dtype=np.int32) % 7
-        batch = pack([Formatted(ids, np.array([7, 15], np.int32))], PackOptions(row_tokens=16))
-        scores = self.run(batch)
-        if scores.shape != batch.step_positions.shape:
-            raise ConfigError(f"warm-up returned shape {scores.shape}, expected {batch.step_positions.shape}")
+        item = Formatted(ids, np.array([7, 15], np.int32))
+        batches = [pack([item], PackOptions(row_tokens=16))]
+        if self.plain_session is not None:
+            batches.append(pack([item], PackOptions(row_tokens=16, plain_cost=0.0)))
+        for batch in batches:
+            scores = self.run(batch)
+            if scores.shape != batch.step_positions.shape:
+                raise ConfigError(f"warm-up returned shape {scores.shape}, expected {batch.step_positions.shape}")
         log.debug("warm-up on %s done (pid %d)", self.device, os.getpid())

@@ -29,6 +29,8 @@ MANIFEST_NAME = "manifest.json"
 GRAPH_CONTRACT = 1
 INPUTS = ("input_ids", "position_ids", "attn_end", "step_positions")
 OUTPUTS = ("step_scores",)
+# The plain-row graph (export/plain.py): one sequence per row, right-padded, lengths instead of attn_end.
+PLAIN_INPUTS = ("input_ids", "seq_lens", "step_positions")
 
 Family = Literal["token_cls", "lm_pair", "value_head", "seq_cls"]
 FAMILIES: tuple[Family, ...] = ("token_cls", "lm_pair", "value_head", "seq_cls")
@@ -228,6 +230,8 @@ class GraphSpec:
     inputs: tuple[str, ...] = INPUTS
     outputs: tuple[str, ...] = OUTPUTS
     fused_ops: Mapping[str, int] = field(default_factory=dict)
+    # The plain-row variant (PLAIN_INPUTS; export/plain.py), sharing `data_file`; None in bundles without it.
+    plain_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,7 @@ class Manifest:
                     inputs=tuple(graph["inputs"]),
                     outputs=tuple(graph["outputs"]),
                     fused_ops=dict(graph.get("fused_ops", {})),
+                    plain_file=graph.get("plain_file"),
                 ),
                 tokenizer_file=obj["tokenizer"]["file"],
                 validation=dict(obj.get("validation", {})),
@@ -361,6 +366,11 @@ class Bundle:
         return self.path / self.manifest.graph.file
 
     @property
+    def plain_graph_path(self) -> Path | None:
+        plain = self.manifest.graph.plain_file
+        return self.path / plain if plain else None
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.manifest.tokenizer_file
 
@@ -381,6 +391,8 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     needed = {manifest.graph.file, manifest.tokenizer_file}
     if manifest.graph.data_file:
         needed.add(manifest.graph.data_file)
+    if manifest.graph.plain_file:
+        needed.add(manifest.graph.plain_file)
     missing_entries = needed - set(manifest.files)
     if missing_entries:
         raise BundleError(f"{manifest_path}: no hash recorded for {sorted(missing_entries)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from stepscore.errors import ConfigError, StepscoreError
-from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.config import PLAIN_ROWS, EngineConfig, PlainRows
 from stepscore.runtime.types import ScoreRequest, ScoreResult, TokenIds
 
 T = TypeVar("T")
@@ -32,6 +32,13 @@ def env_default(flag: str, default: T, cast: Callable[[str], T]) -> T:
         return cast(raw)
     except ValueError as exc:
         raise ConfigError(f"environment variable {name}={raw!r} is not valid ({exc})") from exc
+
+
+def plain_rows(raw: str) -> PlainRows:
+    for choice in PLAIN_ROWS:
+        if raw == choice:
+            return choice
+    raise ValueError(f"expected one of {', '.join(PLAIN_ROWS)}")
 
 
 def env_flag(raw: str) -> bool:
@@ -107,6 +114,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="one padded row per candidate instead of packed rows",
     )
     g.add_argument(
+        "--plain-rows",
+        choices=PLAIN_ROWS,
+        default=env_default("plain-rows", d.plain_rows, plain_rows),
+        help="rows without a shared prefix through the bundle's plain-row graph (no attention bias, flash "
+        "attention on CUDA): when the cost model prefers it, for every batch, or never (default auto)",
+    )
+    g.add_argument(
+        "--plain-cost",
+        type=float,
+        default=env_default("plain-cost", d.plain_cost, float),
+        help="a plain-row token's cost relative to a tree-row token, for --plain-rows auto (default: 1.0 on CPU, 0.75 on CUDA)",
+    )
+    g.add_argument(
         "--no-verify",
         action="store_true",
         default=env_default("no-verify", False, env_flag),
@@ -125,6 +145,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         intra_op_threads=args.threads,
         share_prefixes=not args.no_prefix_sharing,
         pack_rows=not args.no_packing,
+        plain_rows=args.plain_rows,
+        plain_cost=args.plain_cost,
         verify_bundle=not args.no_verify,
     )
 

@@ -7,6 +7,7 @@ silently adjusted mid-flight.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 from stepscore.errors import ConfigError
 from stepscore.runtime.bundle import Manifest
@@ -18,6 +19,21 @@ def model_attention_cost(manifest: Manifest) -> float:
     m = manifest.model
     per_layer = max(1, (m.num_parameters - m.vocab_size * m.hidden_size) // max(1, m.num_layers))
     return 2.0 * m.num_heads * m.head_dim / per_layer
+
+
+PlainRows = Literal["auto", "always", "never"]
+PLAIN_ROWS: tuple[PlainRows, ...] = ("auto", "always", "never")
+
+
+def default_plain_cost(device: str) -> float:
+    """A plain-row token's cost relative to a tree-row token, before it is measured on the card.
+
+    On the CPU EP both graphs ran at the same speed (benchmarks/RESULTS.md), so 1.0: packing then always
+    wins, and the plain graph is only used when asked for. On CUDA the plain graph's GroupQueryAttention
+    runs flash attention where MultiHeadAttention with a bias cannot; 0.75 is an expectation to be
+    replaced by the GPU script's measurement (benchmarks/gpu/NOTES.md).
+    """
+    return 0.75 if device.startswith("cuda") else 1.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,10 @@ class EngineConfig:
     # attention's cost per token and unit of row length relative to the rest of a layer (see packing);
     # -1 = derive it from the model's shape (2 * query width / parameters per layer)
     attention_cost: float = -1.0
+    # rows without a tree through the bundle's plain-row graph (no attention bias): "auto" when the cost
+    # model says it is cheaper, "always" for every batch (no sharing, no packing), "never" (not loaded)
+    plain_rows: PlainRows = "auto"
+    plain_cost: float = -1.0  # a plain token's cost relative to a tree token; -1 = the device's default
     tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
     io_binding: bool | None = None  # None = on for CUDA, off for CPU
@@ -53,6 +73,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.plain_rows not in PLAIN_ROWS:
+            raise ConfigError(f"plain_rows must be one of {PLAIN_ROWS}, got {self.plain_rows!r}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.intra_op_threads < 0 or self.min_shared_tokens < 1:

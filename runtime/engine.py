@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from stepscore import __version__
-from stepscore.errors import DeadlineExceeded, InvalidRequest, Unavailable
+from stepscore.errors import ConfigError, DeadlineExceeded, InvalidRequest, Unavailable
 from stepscore.runtime.aggregates import aggregate
 from stepscore.runtime.backend import Backend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
@@ -113,9 +113,13 @@ class Engine:
         config = config or EngineConfig()
         bundle = load_bundle(path, verify=config.verify_bundle)
         config.checked(bundle.manifest)  # fail on bad settings before loading any session
+        plain = bundle.plain_graph_path if config.plain_rows != "never" else None
+        if config.plain_rows == "always" and plain is None:
+            raise ConfigError(f"plain_rows='always' but {bundle.path} has no plain-row graph; re-export it with this version")
         backends: list[Backend] = []
         for dev in _device_list(device, devices):
-            backend = OrtBackend(bundle.graph_path, dev, threads=config.intra_op_threads or None, io_binding=config.io_binding)
+            threads = config.intra_op_threads or None
+            backend = OrtBackend(bundle.graph_path, dev, threads=threads, io_binding=config.io_binding, plain_graph_path=plain)
             backend.warmup()
             backends.append(backend)
         return cls(bundle, backends, config)

@@ -16,6 +16,9 @@ Rows: sorted candidates are cut into groups that share at least `min_shared` tok
 neighbour; a group larger than a row is split cleanly (the next piece repeats the prefix it needs); the
 pieces are then placed first-fit-decreasing into rows, several independent pieces per row, so rows are
 packed instead of padded to the longest candidate.
+
+When the bundle has a plain-row graph (no attention bias; flash attention on CUDA) and its cost estimate
+for one-sequence-per-row padding beats the best tree layout, the batch is laid out that way instead.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ class PackOptions:
     # cost (about 2 * hidden / parameters per layer): it decides how long a tree row may grow before
     # sharing costs more than it saves. 0: always share as much as row_tokens allows.
     attention_cost: float = 0.0
+    # Cost of a token in the plain-row graph (one sequence per row, no attention bias: flash attention on
+    # CUDA) relative to the tree graph; the plain layout is used when its cost is lower than the best
+    # tree layout's. None: no plain graph, or plain rows are off.
+    plain_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class PackedBatch:
     tokens_used: int  # tokens laid out in rows (after sharing)
     reads_computed: int  # distinct step positions read
     leftover: list[int]  # items that did not fit `max_tokens`; the scheduler queues them again
+    # Set for a plain-row batch (one sequence per row from position 0): the rows' lengths, for the plain
+    # graph. Such a batch is also a valid tree batch (position_ids and attn_end are filled too).
+    seq_lens: I64Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -206,6 +216,11 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
         if best is None or cost < best[0]:
             best = (cost, pieces, sizes, rows, fill)
     assert best is not None
+    if options.plain_cost is not None:
+        seq_plain = -(-longest // options.row_multiple) * options.row_multiple
+        cost_plain = n * seq_plain * (1.0 + options.attention_cost * seq_plain) * options.plain_cost
+        if cost_plain < best[0]:
+            return _pack_plain(items, lengths, options.row_multiple, max_tokens, pad_id)
     _, pieces, sizes, rows, fill = best
 
     m = options.row_multiple
@@ -265,4 +280,40 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
         tokens_used=int(sum(fill)),
         reads_computed=int(sum(len(rr) for rr in row_reads)),
         leftover=leftover,
+    )
+
+
+def _pack_plain(
+    items: Sequence[Formatted], lengths: npt.NDArray[np.int64], multiple: int, max_tokens: int | None, pad_id: int
+) -> PackedBatch:
+    """One item per row from position 0, right-padded: the plain graph's layout. Items are kept in their
+    order; those past `max_tokens` go to `leftover`."""
+    n = len(items)
+    seq = -(-int(lengths.max()) // multiple) * multiple
+    keep = n if max_tokens is None else min(n, max(1, max_tokens // seq))
+    seq = -(-int(lengths[:keep].max()) // multiple) * multiple
+    input_ids = np.full((keep, seq), pad_id, dtype=np.int64)
+    position_ids = np.tile(np.arange(seq, dtype=np.int64), (keep, 1))
+    # real tokens see their own sequence causally, padding tokens only themselves (as in pack)
+    attn_end = np.where(position_ids < lengths[:keep, None], lengths[:keep, None], position_ids + 1)
+    reads = [np.unique(items[i].reads).astype(np.int64) for i in range(keep)]
+    k = max(1, max(len(r) for r in reads))
+    step_positions = np.zeros((keep, k), dtype=np.int64)
+    item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
+    for r in range(keep):
+        input_ids[r, : lengths[r]] = items[r].ids
+        step_positions[r, : len(reads[r])] = reads[r]
+        item_reads[r] = (r * k + np.searchsorted(reads[r], items[r].reads)).astype(np.intp)
+    used = int(lengths[:keep].sum())
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attn_end=attn_end,
+        step_positions=step_positions,
+        item_reads=item_reads,
+        tokens_submitted=used,
+        tokens_used=used,
+        reads_computed=int(sum(len(r) for r in reads)),
+        leftover=list(range(keep, n)),
+        seq_lens=lengths[:keep].copy(),
     )

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from stepscore.errors import DeadlineExceeded, ModelOutputError, Overloaded, StepscoreError, Unavailable
 from stepscore.runtime.backend import Backend
-from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.config import EngineConfig, default_plain_cost
 from stepscore.runtime.packing import PackedBatch, PackOptions, SharedTokenCounter, pack
 from stepscore.runtime.types import Formatted
 
@@ -88,6 +88,15 @@ class SchedulerStats:
         return 1.0 - self.tokens_used / max(1, self.tokens_computed)
 
 
+def _plain_cost(config: EngineConfig, backends: Sequence[Backend]) -> float | None:
+    # Every device must run plain batches natively for the packer to choose them.
+    if config.plain_rows == "never" or not all(b.plain_rows for b in backends):
+        return None
+    if config.plain_rows == "always":
+        return 0.0
+    return config.plain_cost if config.plain_cost >= 0 else default_plain_cost(backends[0].device)
+
+
 class Scheduler:
     def __init__(self, backends: Sequence[Backend], config: EngineConfig) -> None:
         if not backends:
@@ -101,6 +110,7 @@ class Scheduler:
             row_multiple=config.row_multiple,
             min_shared=config.min_shared_tokens,
             attention_cost=max(0.0, config.attention_cost),
+            plain_cost=_plain_cost(config, self._backends),
         )
         self.stats = SchedulerStats()
         # called after every engine run with (batch, seconds); metrics subscribe here
@@ -235,7 +245,9 @@ class Scheduler:
 
     def _cut(self) -> list[tuple[Entry, int]]:
         """Take candidates in arrival order until the token budget is used (at least one)."""
-        counter = SharedTokenCounter(self._config.share_prefixes, self._config.min_shared_tokens)
+        # plain rows for every batch share nothing: count every candidate's tokens in full
+        sharing = self._config.share_prefixes and self._pack.plain_cost != 0.0
+        counter = SharedTokenCounter(sharing, self._config.min_shared_tokens)
         budget = self._config.max_batch_tokens
         chosen: list[tuple[Entry, int]] = []
         now = time.monotonic()

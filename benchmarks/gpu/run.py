@@ -5,9 +5,10 @@
 
 Sections (each prints a short table; `--only` picks some):
 
-- `plain`   PyTorch eager (fp16, SDPA) vs the exported graph (onnxruntime CUDA EP, IO binding) on plain
-            batches B x S = 64x512, 16x2048, 256x128: tokens/s, TFLOP/s, ratio, max |diff| of step scores
-            (issues: export, GPU speed);
+- `plain`   PyTorch eager (fp16, SDPA) vs the exported graphs (onnxruntime CUDA EP, IO binding) on plain
+            batches B x S = 64x512, 16x2048, 256x128: the tree graph (MultiHeadAttention + bias) and the
+            plain-row graph (GroupQueryAttention, no bias): tokens/s, TFLOP/s, ratios, max |diff| of step
+            scores (issues: export, GPU speed);
 - `sharing` N candidates of C tokens after a P-token prefix: padded batch (PyTorch, ORT) vs one packed
             tree row (ORT): tokens computed, tokens/s and time ratios, max |diff| (issue: shared prefixes);
 - `serve`   the benchmark harness on synthetic Best-of-N and beam workloads: engine in-process, gRPC
@@ -157,28 +158,35 @@ def plain_batch(b: int, s: int, vocab: int, seed: int) -> Any:
     rng = np.random.default_rng(seed)
     reads = np.linspace(s // K - 1, s - 1, K).astype(np.int32)
     items = [Formatted(rng.integers(10, vocab - 10, s).astype(np.int32), reads) for _ in range(b)]
-    return pack(items, PackOptions(share_prefixes=False, pack_rows=False, row_tokens=s, row_multiple=1))
+    # laid out for the plain-row graph; with seq_lens dropped, the same rows run through the tree graph
+    return pack(items, PackOptions(row_tokens=s, row_multiple=1, plain_cost=0.0))
 
 
 # --- sections --------------------------------------------------------------------------------------
 
 
 def section_plain(args: argparse.Namespace, folder: Path, bundle: Path, shape: dict[str, int]) -> list[dict[str, Any]]:
+    import dataclasses
+
     from stepscore.runtime.backend import OrtBackend
 
     device = args.device
-    ort = OrtBackend(bundle / "model.onnx", device if device != "cpu" else "cpu")
+    # one backend, both graphs: a batch with seq_lens runs the plain-row graph, without them the tree graph
+    ort = OrtBackend(bundle / "model.onnx", device, plain_graph_path=bundle / "model_plain.onnx")
     eager = TorchPRM(folder, device, "fp16" if device != "cpu" else "fp32")
     ref32 = TorchPRM(folder, device, "fp32")
     flops_per_token = 2 * body_params(shape)
     rows = []
     for b, s in TINY_PLAIN if args.tiny else PLAIN:
-        batch = plain_batch(b, s, shape["vocab_size"], seed=b * s)
-        ids = batch.input_ids
-        reads = batch.step_positions
+        plain = plain_batch(b, s, shape["vocab_size"], seed=b * s)
+        tree = dataclasses.replace(plain, seq_lens=None)
+        ids = plain.input_ids
+        reads = plain.step_positions
         t_eager = timed(partial(eager.scores, ids, reads), device, iters=args.iters)
-        t_ort = timed(partial(ort.run, batch), device, iters=args.iters)
-        got = ort.run(batch)
+        t_ort = timed(partial(ort.run, tree), device, iters=args.iters)
+        t_plain = timed(partial(ort.run, plain), device, iters=args.iters)
+        got = ort.run(tree)
+        got_plain = ort.run(plain)
         want16 = eager.scores(ids, reads).float().cpu().numpy()
         sub = slice(0, max(1, b // 8))  # the fp32 reference on a slice keeps memory and time small
         want32 = ref32.scores(ids[sub], reads[sub]).cpu().numpy()
@@ -187,15 +195,19 @@ def section_plain(args: argparse.Namespace, folder: Path, bundle: Path, shape: d
             "B": b, "S": s,
             "eager_tok_s": tokens / t_eager, "eager_tflops": tokens * flops_per_token / t_eager / 1e12,
             "ort_tok_s": tokens / t_ort, "ort_tflops": tokens * flops_per_token / t_ort / 1e12,
-            "ratio": t_eager / t_ort,
+            "plain_tok_s": tokens / t_plain, "plain_tflops": tokens * flops_per_token / t_plain / 1e12,
+            "ratio": t_eager / t_ort, "plain_ratio": t_eager / t_plain,
             "max_diff_vs_eager_fp16": float(np.abs(got - want16).max()),
             "max_diff_vs_fp32": float(np.abs(got[sub] - want32).max()),
+            "plain_max_diff_vs_fp32": float(np.abs(got_plain[sub] - want32).max()),
         })  # fmt: skip
         r = rows[-1]
         log(
             f"  {b:>4}x{s:<5} eager {r['eager_tok_s']:>10,.0f} tok/s {r['eager_tflops']:6.1f} TF/s | "
-            f"ORT {r['ort_tok_s']:>10,.0f} tok/s {r['ort_tflops']:6.1f} TF/s | x{r['ratio']:.2f} | "
-            f"|d| fp16 {r['max_diff_vs_eager_fp16']:.1e} fp32 {r['max_diff_vs_fp32']:.1e}"
+            f"tree {r['ort_tok_s']:>10,.0f} tok/s {r['ort_tflops']:6.1f} TF/s x{r['ratio']:.2f} | "
+            f"plain {r['plain_tok_s']:>10,.0f} tok/s {r['plain_tflops']:6.1f} TF/s x{r['plain_ratio']:.2f} | "
+            f"|d| fp16 {r['max_diff_vs_eager_fp16']:.1e} fp32 {r['max_diff_vs_fp32']:.1e} "
+            f"plain fp32 {r['plain_max_diff_vs_fp32']:.1e}"
         )
     return rows
 
@@ -259,6 +271,36 @@ def section_serve(args: argparse.Namespace, folder: Path, bundle: Path, out: Pat
     return json.loads(results.read_text()) if results.is_file() else {"error": proc.stderr[-2000:]}
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The plain and sharing tables for benchmarks/RESULTS.md (serve writes its own, under bench/)."""
+    lines = [f"{report.get('gpu', report['device'])}, onnxruntime {report.get('onnxruntime')}, torch {report.get('torch')}", ""]
+    if report.get("plain"):
+        lines += [
+            "| B x S | eager tok/s (TF/s) | tree graph tok/s (TF/s) | x eager | plain graph tok/s (TF/s) | x eager "
+            "| max abs diff vs fp32 (tree / plain) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["plain"]:
+            lines.append(
+                f"| {r['B']}x{r['S']} | {r['eager_tok_s']:,.0f} ({r['eager_tflops']:.0f}) | {r['ort_tok_s']:,.0f} "
+                f"({r['ort_tflops']:.0f}) | {r['ratio']:.2f} | {r['plain_tok_s']:,.0f} ({r['plain_tflops']:.0f}) | "
+                f"{r['plain_ratio']:.2f} | {r['max_diff_vs_fp32']:.1e} / {r['plain_max_diff_vs_fp32']:.1e} |"
+            )
+        lines.append("")
+    if report.get("sharing"):
+        lines += [
+            "| N x prefix x candidate | tokens padded -> tree | tree row vs eager padded | vs ORT padded | max abs diff |",
+            "|---|---|---|---|---|",
+        ]
+        for r in report["sharing"]:
+            lines.append(
+                f"| {r['N']}x{r['P']}x{r['C']} | {r['tokens_padded']:,} -> {r['tokens_tree']:,} | "
+                f"x{r['speedup_vs_eager_padded']:.2f} | x{r['speedup_vs_ort_padded']:.2f} | {r['max_diff']:.1e} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-out")))
@@ -309,7 +351,8 @@ def main() -> int:
         log("serving: stepscore bench on synthetic Best-of-N and beam traffic")
         report["serve"] = section_serve(args, folder, bundle, args.out)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
-    log(f"done in {time.perf_counter() - t0:.0f}s; wrote {args.out / 'gpu.json'}")
+    (args.out / "gpu.md").write_text(markdown(report))
+    log(f"done in {time.perf_counter() - t0:.0f}s; wrote {args.out / 'gpu.json'} and gpu.md")
     return 0
 
 

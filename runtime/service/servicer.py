@@ -26,6 +26,9 @@ from stepscore.runtime.types import AGGREGATES, ScoreResult
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
 
+# A cancellation this close to the call's deadline is the deadline firing (time_remaining is read on entry).
+_DEADLINE_SLACK_S = 0.05
+
 
 @dataclass(frozen=True)
 class Undecodable:
@@ -91,6 +94,13 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             )
         return await self._engine.score(request_from_proto(msg, deadline))
 
+    @staticmethod
+    def _gone(deadline: float | None) -> grpc.StatusCode:
+        # grpc cancels the handler when the call's deadline passes, which can come just before the engine's
+        # own deadline check: count that as the deadline it is, not as a client cancelling.
+        late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
+        return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+
     def _observe(self, method: str, code: grpc.StatusCode, started: float, result: ScoreResult | None) -> None:
         if self._metrics is not None:
             self._metrics.observe_request(method, code.name, time.perf_counter() - started, result)
@@ -99,10 +109,11 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
 
     async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
+        deadline = self._deadline(context)
         try:
-            result = await self._score(request, self._deadline(context))
+            result = await self._score(request, deadline)
         except asyncio.CancelledError:  # the client went away: the engine already dropped the work
-            self._observe("Score", grpc.StatusCode.CANCELLED, started, None)
+            self._observe("Score", self._gone(deadline), started, None)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
             code, message, _field = to_status(exc)
@@ -135,7 +146,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
                 self._observe("ScoreStream", grpc.StatusCode.OK, started, result)
                 await answers.put(pb.ScoreStreamResponse(request_id=msg.request_id, response=result_to_proto(result)))
             except asyncio.CancelledError:
-                self._observe("ScoreStream", grpc.StatusCode.CANCELLED, started, None)
+                self._observe("ScoreStream", self._gone(stream_deadline), started, None)
                 raise
             except Exception as exc:  # noqa: BLE001 - reported in the stream; the stream goes on
                 code, message, field = to_status(exc)

@@ -90,8 +90,10 @@ def _config(cls_name: str, vocab: int, hidden: int = 32, **extra: Any) -> Any:
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # head size 16 (hidden 32): onnxruntime's GroupQueryAttention, in the plain-row graph, wants a
+        # multiple of 16; two query heads per K/V head keeps grouped attention covered
+        num_attention_heads=max(1, hidden // 16),
+        num_key_value_heads=max(1, hidden // 32),
         max_position_embeddings=512,
         initializer_range=0.1,
         rms_norm_eps=1e-6,

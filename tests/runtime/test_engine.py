@@ -17,7 +17,7 @@ import pytest
 from stepscore.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelOutputError, Overloaded
 from stepscore.runtime.backend import OrtBackend
 from stepscore.runtime.bundle import load_bundle
-from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.config import EngineConfig, PlainRows
 from stepscore.runtime.engine import Engine, SyncEngine
 from stepscore.runtime.packing import PackedBatch
 from stepscore.runtime.types import ScoreRequest, ScoreResult, TokenIds
@@ -46,6 +46,7 @@ class Recording:
     def __init__(self, inner: OrtBackend, delay: float = 0.0, nan_token: int | None = None) -> None:
         self.inner = inner
         self.device = inner.device
+        self.plain_rows = inner.plain_rows
         self.delay = delay
         self.nan_token = nan_token
         self.batches: list[PackedBatch] = []
@@ -70,8 +71,9 @@ class Recording:
 
 
 def _engine(bundle: Path, config: EngineConfig | None = None, **wrap: Any) -> tuple[Engine, Recording]:
-    backend = Recording(OrtBackend(bundle / "model.onnx"), **wrap)
-    return Engine(load_bundle(bundle), [backend], config or EngineConfig()), backend
+    loaded = load_bundle(bundle)
+    backend = Recording(OrtBackend(loaded.graph_path, plain_graph_path=loaded.plain_graph_path), **wrap)
+    return Engine(loaded, [backend], config or EngineConfig()), backend
 
 
 def _scores(result: ScoreResult) -> list[list[float]]:
@@ -108,10 +110,31 @@ def test_packed_and_padded_give_the_same_scores(tiny_bundle: Callable[..., Path]
 
     packed, pad_packed = asyncio.run(run(EngineConfig(max_wait_ms=20, row_tokens=512)))
     padded, pad_padded = asyncio.run(run(EngineConfig(max_wait_ms=20, pack_rows=False, share_prefixes=False)))
-    for a, b in zip(packed, padded, strict=True):
+    plain, pad_plain = asyncio.run(run(EngineConfig(max_wait_ms=20, plain_rows="always")))
+    for a, b, c in zip(packed, padded, plain, strict=True):
+        for sa, sb, sc in zip(_scores(a), _scores(b), _scores(c), strict=True):
+            np.testing.assert_allclose(sa, sb, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(sa, sc, atol=1e-5, rtol=0)
+    assert pad_packed < pad_padded and pad_packed < pad_plain
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_plain_rows_score_like_tree_rows_on_every_family(tiny_bundle: Callable[..., Path], kind: str) -> None:
+    bundle = tiny_bundle(kind)
+    requests = _requests(3, 8)
+
+    async def run(plain_rows: PlainRows) -> tuple[list[ScoreResult], Recording]:
+        engine, backend = _engine(bundle, EngineConfig(max_wait_ms=20, row_tokens=512, plain_rows=plain_rows))
+        async with engine:
+            return list(await asyncio.gather(*(engine.score(r) for r in requests))), backend
+
+    tree, tree_backend = asyncio.run(run("never"))
+    plain, plain_backend = asyncio.run(run("always"))
+    assert all(b.seq_lens is None for b in tree_backend.batches)
+    assert plain_backend.batches and all(b.seq_lens is not None for b in plain_backend.batches)
+    for a, b in zip(tree, plain, strict=True):
         for sa, sb in zip(_scores(a), _scores(b), strict=True):
             np.testing.assert_allclose(sa, sb, atol=1e-5, rtol=0)
-    assert pad_packed < pad_padded
 
 
 def test_request_larger_than_the_budget_is_split_not_rejected(tiny_bundle: Callable[..., Path]) -> None:

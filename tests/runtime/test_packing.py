@@ -52,6 +52,7 @@ options = st.builds(
     row_multiple=st.sampled_from([1, 8, 16]),
     min_shared=st.integers(1, 4),
     attention_cost=st.sampled_from([0.0, 0.001, 0.05]),
+    plain_cost=st.sampled_from([None, 0.0, 0.5, 1.0]),
 )
 
 
@@ -78,6 +79,16 @@ def test_every_token_sees_exactly_its_own_prefix(items: list[Formatted], opts: P
     assert batch.tokens_used <= batch.tokens_computed
     if not opts.share_prefixes:
         assert batch.tokens_used == sum(it.num_tokens for it in items)
+    if opts.plain_cost == 0.0:
+        assert batch.seq_lens is not None  # plain rows asked for every batch
+    if opts.plain_cost is None or opts.plain_cost >= 1.0:
+        assert batch.seq_lens is None  # never chosen, or never cheaper than the tree layout it includes
+    if batch.seq_lens is not None:
+        # the plain graph's layout: item r alone in row r from position 0, its length in seq_lens
+        assert batch.shape[0] == len(items)
+        for r, item in enumerate(items):
+            assert batch.seq_lens[r] == item.num_tokens
+            np.testing.assert_array_equal(batch.input_ids[r, : item.num_tokens], item.ids)
 
 
 def test_shared_prefix_is_laid_out_once_and_read_once() -> None:
@@ -99,6 +110,22 @@ def test_trees_larger_than_a_row_split_cleanly_and_budget_leaves_leftovers() -> 
     limited = pack(items, PackOptions(row_tokens=128, row_multiple=1), max_tokens=128)
     assert limited.shape[0] == 1 and limited.leftover
     assert all(len(limited.item_reads[i]) == 0 for i in limited.leftover)
+
+
+def test_plain_rows_are_chosen_by_cost_and_respect_the_budget() -> None:
+    # 4 unrelated candidates of similar length: the tree layout cannot share, so a plain layout that is
+    # cheaper per token wins; one that costs the same never does (the tree layout packs at least as well)
+    items = [Formatted(np.arange(1, 30 + k, dtype=np.int32) + 50 * k, np.array([28 + k], np.int32)) for k in range(4)]
+    assert pack(items, PackOptions(row_multiple=8, plain_cost=0.8)).seq_lens is not None
+    assert pack(items, PackOptions(row_multiple=8, plain_cost=1.0)).seq_lens is None
+    # a long shared prefix: the tree layout computes it once, which beats a discount on plain rows
+    prefix = list(range(1, 201))
+    shared = [Formatted(np.array([*prefix, 300 + k], np.int32), np.array([200], np.int32)) for k in range(8)]
+    assert pack(shared, PackOptions(row_tokens=1024, plain_cost=0.5)).seq_lens is None
+    limited = pack(items, PackOptions(row_multiple=8, plain_cost=0.0), max_tokens=2 * 40)
+    assert limited.shape == (2, 32) and limited.leftover == [2, 3]
+    assert limited.seq_lens is not None and limited.seq_lens.tolist() == [29, 30]
+    assert limited.tokens_used == 29 + 30 and 0 < limited.padding_fraction < 0.1
 
 
 def test_attention_cost_trades_sharing_for_shorter_rows() -> None:
@@ -127,7 +154,7 @@ def test_shared_token_counter_matches_a_trie() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_scores_equal_alone_on_every_family(tiny_bundle: Callable[..., Path], kind: str) -> None:
     bundle = tiny_bundle(kind)
-    backend = OrtBackend(bundle / "model.onnx")
+    backend = OrtBackend(bundle / "model.onnx", plain_graph_path=bundle / "model_plain.onnx")
     vocab = load_bundle(bundle).manifest.model.vocab_size
 
     @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
