@@ -3,6 +3,7 @@
     python benchmarks/cpu_suite.py runtime     # engine vs one-request-at-a-time ORT vs PyTorch eager (Best-of-N)
     python benchmarks/cpu_suite.py sharing     # prefix sharing on vs off (beam search, DVTS)
     python benchmarks/cpu_suite.py grpc        # gRPC service vs the engine in-process
+    python benchmarks/cpu_suite.py plain       # plain-row graph (GroupQueryAttention) vs tree graph
     python benchmarks/cpu_suite.py all
 
 The model is a small Qwen2-shaped PRM with random weights (speed does not depend on what a model learned)
@@ -45,7 +46,13 @@ def log(msg: str) -> None:
 def build_model() -> tuple[Path, Path]:
     """The benchmark PRM: HF folder (random weights, real tokenizer) and its fp32 bundle, cached."""
     folder, bundle = CACHE / "bench-prm", CACHE / "bench-prm-fp32"
-    if (bundle / "manifest.json").is_file():
+    manifest = bundle / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["graph"].get("plain_file"):
+        return folder, bundle
+    if (folder / "model.safetensors").is_file():  # a bundle from before plain-row graphs: export again
+        from stepscore.export.pipeline import export_model
+
+        export_model(str(folder), bundle, precision="fp32", force=True, progress=lambda line: log("  " + line))
         return folder, bundle
     tok = SHARED / "tokenizers" / "qwen2.5-math-prm"
     if not tok.is_dir():
@@ -259,9 +266,77 @@ Targets: <= 15% lower throughput and <= 2 ms added p50.
     write_section("grpc", body)
 
 
+async def plain_section(args: argparse.Namespace) -> None:
+    """The plain-row graph against the tree graph: the same padded batches through both, then the engine on
+    Best-of-N traffic with plain rows never and always."""
+    import dataclasses
+
+    import numpy as np
+
+    from stepscore.runtime.backend import OrtBackend
+    from stepscore.runtime.bench import EngineSystem, load_workload
+    from stepscore.runtime.config import EngineConfig
+    from stepscore.runtime.packing import PackOptions, pack
+    from stepscore.runtime.types import Formatted
+
+    _, bundle = build_model()
+    backend = OrtBackend(bundle / "model.onnx", threads=args.threads or None, plain_graph_path=bundle / "model_plain.onnx")
+    rng = np.random.default_rng(0)
+    graph_rows = []
+    for b, s in ((32, 128), (8, 512), (4, 1024)):
+        reads = np.linspace(s // 8 - 1, s - 1, 8).astype(np.int32)
+        items = [Formatted(rng.integers(10, 150000, s).astype(np.int32), reads) for _ in range(b)]
+        plain = pack(items, PackOptions(row_tokens=s, row_multiple=1, plain_cost=0.0))
+        tree = dataclasses.replace(plain, seq_lens=None)
+        times = {}
+        for name, batch in (("tree", tree), ("plain", plain)):
+            backend.run(batch)
+            runs = []
+            for _ in range(5):
+                t = time.perf_counter()
+                backend.run(batch)
+                runs.append(time.perf_counter() - t)
+            times[name] = sorted(runs)[2]
+        diff = float(np.abs(backend.run(tree) - backend.run(plain)).max())
+        graph_rows.append((b, s, times["tree"], times["plain"], diff))
+        log(f"plain: {b}x{s} tree {times['tree'] * 1e3:.0f} ms, plain {times['plain'] * 1e3:.0f} ms, |d| {diff:.1e}")
+    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
+    engine_rows = []
+    for mode in ("never", "always"):
+        config = EngineConfig(intra_op_threads=args.threads, plain_rows=mode)  # type: ignore[arg-type]
+        engine_rows.append((mode, await measure(EngineSystem(bundle, config=config), wl.requests, 64, "bon16")))
+    graph_lines = "\n".join(
+        f"| {b}x{s} | {b * s / t:,.0f} | {b * s / p:,.0f} | {t / p:.2f} | {d:.1e} |" for b, s, t, p, d in graph_rows
+    )
+    engine_lines = "\n".join(
+        f"| {mode} | {r.tokens_per_s:,.0f} | {r.compute_ratio or 0.0:.3f} | {r.padding_fraction or 0.0:.3f} |" for mode, r in engine_rows
+    )
+    body = f"""## Plain-row graph vs tree graph (CPU)
+
+{environment()}. Command: `{cmd_line()}`. Same model. The plain-row graph (`export/plain.py`) runs
+GroupQueryAttention without an attention bias; on CUDA that is the flash-attention path, which this CPU run
+cannot show. Median of 5 runs of the same padded batch (random tokens, 8 reads per row) through each graph:
+
+| B x S | tree graph tokens/s | plain graph tokens/s | plain / tree | max abs diff |
+|---|---|---|---|---|
+{graph_lines}
+
+The engine on Best-of-N traffic (bon16, {len(wl.requests)} requests, 64 callers): `--plain-rows never` (tree
+rows: shared prefixes, packing) vs `always` (one padded row per candidate through the plain graph):
+
+| plain rows | tokens/s | tokens computed / submitted | padding |
+|---|---|---|---|
+{engine_lines}
+
+On this CPU the two graphs run at about the same speed, so `auto` keeps the CPU's plain-token cost at 1.0
+and packed tree rows win every batch; the CUDA default (0.75) is to be replaced by the GPU script's figure.
+"""
+    write_section("plain", body)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("section", choices=("runtime", "sharing", "grpc", "all"))
+    p.add_argument("section", choices=("runtime", "sharing", "grpc", "plain", "all"))
     p.add_argument("--requests", type=int, default=24, help="Best-of-N requests (beam/DVTS: 3x as many iterations)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime / torch threads (0: their default)")
     args = p.parse_args()
@@ -269,7 +344,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    for name, fn in (("runtime", runtime_section), ("sharing", sharing_section), ("grpc", grpc_section)):
+    sections = (("runtime", runtime_section), ("sharing", sharing_section), ("grpc", grpc_section), ("plain", plain_section))
+    for name, fn in sections:
         if args.section in (name, "all"):
             asyncio.run(fn(args))
     return 0
