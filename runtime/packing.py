@@ -260,16 +260,8 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
         reads = np.unique(np.concatenate([item_layout[i] for p in row for i, _ in pieces[p]]))
         row_reads.append(reads)
 
-    k = max(1, max(len(rr) for rr in row_reads))
-    step_positions = np.zeros((batch, k), dtype=np.int64)
-    item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
-    for r, row in enumerate(rows):
-        reads = row_reads[r]
-        step_positions[r, : len(reads)] = reads
-        for p in row:
-            for i, _ in pieces[p]:
-                item_reads[i] = (r * k + np.searchsorted(reads, item_layout[i])).astype(np.intp)
-
+    members = [[(i, item_layout[i]) for p in row for i, _ in pieces[p]] for row in rows]
+    step_positions, item_reads = _read_table(row_reads, members, n)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -281,6 +273,21 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
         reads_computed=int(sum(len(rr) for rr in row_reads)),
         leftover=leftover,
     )
+
+
+def _read_table(
+    row_reads: Sequence[npt.NDArray[np.int64]], members: Sequence[Sequence[tuple[int, npt.NDArray[np.integer]]]], n: int
+) -> tuple[I64Array, list[npt.NDArray[np.intp]]]:
+    """step_positions [B, K] from each row's sorted distinct read positions, and per item (members[r]: the
+    items of row r with their reads' positions in it) the flat indices of its reads in the [B * K] output."""
+    k = max(1, max(len(r) for r in row_reads))
+    step_positions = np.zeros((len(row_reads), k), dtype=np.int64)
+    item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
+    for r, reads in enumerate(row_reads):
+        step_positions[r, : len(reads)] = reads
+        for i, where in members[r]:
+            item_reads[i] = (r * k + np.searchsorted(reads, where)).astype(np.intp)
+    return step_positions, item_reads
 
 
 def _pack_plain(
@@ -296,14 +303,10 @@ def _pack_plain(
     position_ids = np.tile(np.arange(seq, dtype=np.int64), (keep, 1))
     # real tokens see their own sequence causally, padding tokens only themselves (as in pack)
     attn_end = np.where(position_ids < lengths[:keep, None], lengths[:keep, None], position_ids + 1)
-    reads = [np.unique(items[i].reads).astype(np.int64) for i in range(keep)]
-    k = max(1, max(len(r) for r in reads))
-    step_positions = np.zeros((keep, k), dtype=np.int64)
-    item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
     for r in range(keep):
         input_ids[r, : lengths[r]] = items[r].ids
-        step_positions[r, : len(reads[r])] = reads[r]
-        item_reads[r] = (r * k + np.searchsorted(reads[r], items[r].reads)).astype(np.intp)
+    reads = [np.unique(items[r].reads).astype(np.int64) for r in range(keep)]
+    step_positions, item_reads = _read_table(reads, [[(r, items[r].reads)] for r in range(keep)], n)
     used = int(lengths[:keep].sum())
     return PackedBatch(
         input_ids=input_ids,

@@ -155,7 +155,7 @@ class EngineSystem:
             f"stepscore {info.stepscore_version} engine in-process, onnxruntime {info.onnxruntime_version} on "
             f"{', '.join(info.devices)}, {info.precision}; max_batch_tokens {cfg.max_batch_tokens}, row_tokens "
             f"{cfg.row_tokens}, max_wait_ms {cfg.max_wait_ms:g}, prefix sharing {'on' if cfg.share_prefixes else 'off'}, "
-            f"packing {'on' if cfg.pack_rows else 'off'}"
+            f"packing {'on' if cfg.pack_rows else 'off'}, plain rows {cfg.plain_rows}"
         )
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
