@@ -145,13 +145,13 @@ def load_workload(
         n = 16 if name == "bon16" else 256
         paths = _trace_files(data, f"*best_of_n_N{n}*.jsonl.gz")
         raw = list(_take(best_of_n(_interleave([_read_jsonl(p) for p in paths])), limit))
-        source = ", ".join(str(p) for p in paths)
+        source = _describe(paths)
     elif name in ("beam", "dvts"):
         paths = _trace_files(data, "*beam_search_N16*.jsonl.gz")
         records = list(_interleave([_read_jsonl(p) for p in paths]))
         rebuild = beam_search_iterations if name == "beam" else dvts_iterations
         raw = rebuild(records, rng, limit=limit)
-        source = ", ".join(str(p) for p in paths)
+        source = _describe(paths)
     else:  # processbench
         folder = data / "processbench"
         paths = sorted(folder.glob("*.json.gz"))
@@ -162,7 +162,7 @@ def load_workload(
             with gzip.open(path, "rt", encoding="utf-8") as fh:
                 subsets.append(json.load(fh))
         raw = list(_take(processbench(_interleave(subsets)), limit))
-        source = ", ".join(str(p) for p in paths)
+        source = _describe(paths)
     requests = [
         ScoreRequest(
             problem=problem,
@@ -179,6 +179,11 @@ def load_workload(
 
 
 # --- real traces ---------------------------------------------------------------------------------
+
+
+def _describe(paths: Sequence[Path]) -> str:
+    # relative to where the benchmark runs, so a report says ../shared/data/... rather than one machine's paths
+    return ", ".join(os.path.relpath(p) for p in paths)
 
 
 def _trace_files(data: Path, pattern: str) -> list[Path]:
