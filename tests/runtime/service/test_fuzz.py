@@ -25,7 +25,24 @@ token_candidate = st.builds(
     st.lists(st.integers(0, 2000), max_size=30),
     st.lists(st.integers(0, 40), max_size=5),
 )
-requests = st.builds(
+# Well-formed requests whose texts still carry special-token strings and odd characters: half of the
+# examples, so that scored answers are exercised as surely as refusals (random requests are rarely valid).
+valid_step = st.lists(st.sampled_from(SPECIAL) | st.text(max_size=5), max_size=4).map(lambda parts: "x" + "".join(parts))
+valid_requests = st.builds(
+    pb.ScoreRequest,
+    request_id=st.text(max_size=8),
+    problem=texts,
+    candidates=st.lists(
+        st.lists(valid_step, min_size=1, max_size=5).map(lambda s: pb.Candidate(steps=pb.Steps(steps=s))),
+        min_size=1,
+        max_size=4,
+    ),
+    aggregates=st.lists(st.sampled_from(["min", "product", "mean", "last", "soft_min"]), max_size=3, unique=True),
+    truncate_left=st.booleans(),
+    soft_min_temperature=st.sampled_from([0.0, 0.1, 1.0]),
+    timeout_ms=st.sampled_from([0, 5000]),
+)
+fuzzed_requests = st.builds(
     pb.ScoreRequest,
     request_id=st.text(max_size=8),
     problem=texts,
@@ -35,6 +52,7 @@ requests = st.builds(
     soft_min_temperature=st.sampled_from([0.0, 0.1, 1.0, -1.0, float("nan"), float("inf")]),
     timeout_ms=st.sampled_from([0, 0, 0, 1, 5000]),
 )
+requests = st.one_of(fuzzed_requests, valid_requests)
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -78,3 +96,17 @@ def test_fuzzed_requests_get_clear_codes_and_the_server_survives(server: ServerP
     channel.close()
     assert server.proc.poll() is None
     assert seen.get(grpc.StatusCode.OK, 0) > 0 and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
+
+
+def test_well_formed_requests_with_odd_text_are_all_scored(server: ServerProcess) -> None:
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.StepScorerStub(channel)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(request=valid_requests)
+    def check(request: pb.ScoreRequest) -> None:
+        reply = stub.Score(request, timeout=30)
+        assert [len(c.step_scores) for c in reply.candidates] == [len(c.steps.steps) for c in request.candidates]
+
+    check()
+    channel.close()
