@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder or tokenizer.json, if not in the model folder")
     p.add_argument("--no-chat-template", action="store_true", help="orm: do not use the tokenizer's chat template")
     p.add_argument(
-        "--external-data", action="store_true", help="store weights in model.onnx.data even when small (always on past ~1.5 GB)"
+        "--external-data", action="store_true", help="store weights in model.onnx.data even when small (always on past 256 MB)"
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run)

@@ -2,8 +2,10 @@
 
 - `assets/checkpoint/`: the trained checkpoint (Qwen2.5-Math-PRM layout, a few MB), reproducible with
   `python -m stepscore.runtime.default_model.train --out DIR` (see train.py);
-- `assets/bundle/`: that checkpoint exported by `stepscore export` (fp32: it serves on CPUs), used by
-  `stepscore serve` and `stepscore score` when no bundle is given. Serving it needs no torch.
+- `assets/bundle/`: that checkpoint exported by `stepscore export runtime/default_model/assets/checkpoint
+  runtime/default_model/assets/bundle --precision fp32 --external-data` (fp32: it serves on CPUs; external
+  data: the tree and plain-row graphs share one copy of the weights), used by `stepscore serve` and
+  `stepscore score` when no bundle is given. Serving it needs no torch.
 
 `stepscore demo` (demo.py) exports the checkpoint afresh, serves it, and runs a best-of-N search
 against it over gRPC.

@@ -18,6 +18,12 @@ The recipe, and why (each part was measured on held-out chains; see the issue no
   earlier: the body learns the arithmetic, and forms its expectation of the next digit early enough for
   the following position to compare it with the digit actually written;
 - small batches (more updates per example) and an exponential moving average of the weights.
+
+Why 0.26M parameters rather than a few million: on 2 cores a training step costs little more for a wider
+model (the step time is mostly overhead), but not little enough, and within the same budget the number of
+updates decides. Measured with this script, same recipe: hidden 128 x 6 layers (1.0M parameters, 2,800
+steps in 141 s) reached step AUROC 0.851 and first-error accuracy 0.571; hidden 192 x 4 layers (1.5M,
+2,400 steps in 144 s) 0.839 and 0.554; this model (5,000 steps) 0.993 and 0.974.
 """
 
 from __future__ import annotations
