@@ -1,5 +1,5 @@
 """Prometheus metrics: requests by status code, latency / queue / compute histograms, batch shape,
-padding fraction and queue depth. Served on their own port when --metrics-port is set."""
+padding fraction, runs by graph (tree or plain rows) and queue depth. Served on their own port when --metrics-port is set."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.batches = Counter(
+            "stepscore_batches",
+            "Engine runs by graph: tree (packed rows, shared prefixes) or plain (one padded row per candidate)",
+            ["graph"],
+            registry=r,
+        )
         self.queue_depth = Gauge("stepscore_queue_depth", "Requests admitted and not finished", registry=r)
         self.queued_tokens = Gauge("stepscore_queued_tokens", "Tokens of requests admitted and not finished", registry=r)
 
@@ -52,6 +58,7 @@ class Metrics:
         self.queued_tokens.set_function(tokens)
 
     def observe_batch(self, batch: PackedBatch, seconds: float) -> None:
+        self.batches.labels("tree" if batch.seq_lens is None else "plain").inc()
         self.batch_tokens.observe(batch.tokens_computed)
         self.batch_rows.observe(batch.shape[0])
         self.batch_padding.observe(batch.padding_fraction)

@@ -208,8 +208,9 @@ def test_deadline_and_cancel_drop_queued_work(slow_bundle: Path) -> None:
         time.sleep(0.5)
         submitted = _metric(metrics_port, 'stepscore_tokens_total{kind="submitted"}')
         computed = _metric(metrics_port, "stepscore_batch_tokens_count")
+        by_graph = _metric(metrics_port, "stepscore_batches_total")  # tree and plain runs
         codes = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    assert computed >= 1
+    assert computed >= 1 and by_graph == computed
     # only the heavy request's tokens (and the readiness probe's none) reached the model
     assert submitted == heavy_tokens
     assert 'code="DEADLINE_EXCEEDED"' in codes and "stepscore_queue_depth" in codes
