@@ -147,15 +147,6 @@ def _row(label: str, s: Any, a: Any, b: Any, bold: bool = False) -> str:
     )
 
 
-def _p50(s: Any, concurrency: int) -> str:
-    # at saturation every request is in flight at once: its "latency" is the run's length, not a figure
-    return f"{s.latency_ms['p50']:.1f} ms" if concurrency == 1 else "-"
-
-
-def _added(e: Any, s: Any, concurrency: int) -> str:
-    return f"{s.latency_ms['p50'] - e.latency_ms['p50']:+.1f} ms" if concurrency == 1 else "-"
-
-
 def cmd_line() -> str:
     return "python benchmarks/cpu_suite.py " + " ".join(sys.argv[1:])
 
@@ -232,36 +223,79 @@ Target: >= 2.5x on the beam workload.
     write_section("sharing", body)
 
 
+async def paired_latency(
+    a: Any, b: Any, requests: Sequence[Any], pause_s: float = 0.05
+) -> tuple[list[float], list[float], int]:
+    """Each request through `a` and through `b`, one after the other, alternating which goes first: slow
+    drifts of the machine (other processes, clock) hit both alike. A pause after each call lets the idle
+    system's onnxruntime threads stop spinning before the other one runs. Returns both latency lists (s)
+    and the tokens of one pass."""
+    await a.setup()
+    await b.setup()
+    try:
+        for r in requests[:4]:  # warm-up
+            await a.score(r)
+            await b.score(r)
+        la: list[float] = []
+        lb: list[float] = []
+        tokens = 0
+        for i, r in enumerate(requests):
+            for system, into in ((a, la), (b, lb)) if i % 2 == 0 else ((b, lb), (a, la)):
+                await asyncio.sleep(pause_s)
+                t = time.perf_counter()
+                result = await system.score(r)
+                into.append(time.perf_counter() - t)
+            tokens += sum(c.num_tokens for c in result.candidates)
+    finally:
+        await a.close()
+        await b.close()
+    return la, lb, tokens
+
+
 async def grpc_section(args: argparse.Namespace) -> None:
     """Latency at concurrency 1 on small requests (one ProcessBench solution each: the overhead is not lost
-    in the compute time), throughput at saturation on Best-of-N requests (64 callers)."""
+    in the compute time), measured in pairs; throughput at saturation on Best-of-N requests (64 callers)."""
+    import statistics
+
     from stepscore.runtime.bench import EngineSystem, ServiceSystem, load_workload
     from stepscore.runtime.config import EngineConfig
 
     _, bundle = build_model()
     serve_args = ["--threads", str(args.threads)] if args.threads else []
-    out = []
-    for name, limit, c in (("processbench", args.requests * 4, 1), ("bon16", args.requests, 64)):
-        wl = load_workload(name, SHARED / "data", limit=limit)
-        log(f"grpc: {name}, {len(wl.requests)} requests, concurrency {c}")
-        e = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, c, name)
-        s = await measure(ServiceSystem.spawn(bundle, serve_args), wl.requests, c, name)
-        out.append((name, len(wl.requests), c, e, s))
-    lines = "\n".join(
-        f"| {name} ({n} requests) | {c} | {e.tokens_per_s:,.0f} | {s.tokens_per_s:,.0f} | "
-        f"{1 - s.tokens_per_s / e.tokens_per_s:+.1%} | {_p50(e, c)} | {_p50(s, c)} | {_added(e, s, c)} |"
-        for name, n, c, e, s in out
+    config = EngineConfig(intra_op_threads=args.threads)
+    wl = load_workload("processbench", SHARED / "data", limit=args.requests * 4)
+    log(f"grpc: processbench, {len(wl.requests)} requests, concurrency 1, paired")
+    le, ls, tokens = await paired_latency(
+        EngineSystem(bundle, config=config), ServiceSystem.spawn(bundle, serve_args), wl.requests
+    )
+    p50e, p50s = statistics.median(le), statistics.median(ls)
+    paired = statistics.median(y - x for x, y in zip(le, ls, strict=True))
+    log(f"  in-process p50 {p50e * 1e3:.1f} ms, gRPC p50 {p50s * 1e3:.1f} ms, median paired difference {paired * 1e3:+.1f} ms")
+    lines = [
+        f"| processbench ({len(wl.requests)} requests, paired) | 1 | {tokens / sum(le):,.0f} | {tokens / sum(ls):,.0f} | "
+        f"{1 - sum(le) / sum(ls):+.1%} | {p50e * 1e3:.1f} ms | {p50s * 1e3:.1f} ms | {(p50s - p50e) * 1e3:+.1f} ms "
+        f"(paired: {paired * 1e3:+.1f} ms) |"
+    ]
+    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
+    log(f"grpc: bon16, {len(wl.requests)} requests, concurrency 64")
+    e = await measure(EngineSystem(bundle, config=config), wl.requests, 64, "bon16")
+    s = await measure(ServiceSystem.spawn(bundle, serve_args), wl.requests, 64, "bon16")
+    lines.append(
+        f"| bon16 ({len(wl.requests)} requests) | 64 | {e.tokens_per_s:,.0f} | {s.tokens_per_s:,.0f} | "
+        f"{1 - s.tokens_per_s / e.tokens_per_s:+.1%} | - | - | - |"
     )
     body = f"""## gRPC overhead: the service vs the engine in-process (CPU)
 
 {environment()}. Command: `{cmd_line()}`. Same model. The server is a separate `stepscore serve` process on
 loopback (sharing the 2 cores with the client), the client `stepscore.runtime.client.AsyncClient` (unary
-Score). Latency is measured at concurrency 1 on one-solution requests, throughput at saturation on
-Best-of-N requests (the p50 there is the whole run's length: every request is in flight at once).
+Score). Latency is measured at concurrency 1 on one-solution requests, each sent through both in turn
+(alternating which goes first, 50 ms apart), so that the machine's drifts hit both alike; "paired" is the
+median of the per-request differences. Throughput is measured at saturation on Best-of-N requests (the p50
+there would be the whole run's length: every request is in flight at once).
 
 | workload | concurrency | in-process tokens/s | gRPC tokens/s | throughput lost | in-process p50 | gRPC p50 | added p50 |
 |---|---|---|---|---|---|---|---|
-{lines}
+{chr(10).join(lines)}
 
 Targets: <= 15% lower throughput and <= 2 ms added p50.
 """
