@@ -127,6 +127,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="a plain-row token's cost relative to a tree-row token, for --plain-rows auto (default: 0.9 on CPU, 0.75 on CUDA)",
     )
     g.add_argument(
+        "--run-overhead-tokens",
+        type=float,
+        default=env_default("run-overhead-tokens", d.run_overhead_tokens, float),
+        help="a run's fixed cost in tokens: batches of mixed lengths run one length class at a time when "
+        "that is cheaper (default: 16 on CPU, off on CUDA; 0: always one run per batch)",
+    )
+    g.add_argument(
         "--no-verify",
         action="store_true",
         default=env_default("no-verify", False, env_flag),
@@ -147,6 +154,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         pack_rows=not args.no_packing,
         plain_rows=args.plain_rows,
         plain_cost=args.plain_cost,
+        run_overhead_tokens=args.run_overhead_tokens,
         verify_bundle=not args.no_verify,
     )
 

@@ -36,6 +36,16 @@ def default_plain_cost(device: str) -> float:
     return 0.75 if device.startswith("cuda") else 0.9
 
 
+def default_run_overhead(device: str) -> float | None:
+    """A run's fixed cost in tokens, for splitting mixed-length batches into length classes (packing).
+
+    CPU: about 13 tokens' worth (an 8-layer, hidden-384 model: 0.9 ms per run, 67 us per token;
+    benchmarks/RESULTS.md), so 16. CUDA: off until measured, since a run's launch cost there is worth far
+    more tokens and one large batch is the safe default.
+    """
+    return None if device.startswith("cuda") else 16.0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_tokens: int = 16384  # tokens per engine run: rows x row length, padding included
@@ -54,6 +64,9 @@ class EngineConfig:
     # model says it is cheaper, "always" for every batch (no sharing, no packing), "never" (not loaded)
     plain_rows: PlainRows = "auto"
     plain_cost: float = -1.0  # a plain token's cost relative to a tree token; -1 = the device's default
+    # a run's fixed cost in tokens: mixed-length batches run one length class at a time when that saves
+    # more than it costs; -1 = the device's default (default_run_overhead), 0 = always one run per batch
+    run_overhead_tokens: float = -1.0
     tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
     io_binding: bool | None = None  # None = on for CUDA, off for CPU

@@ -24,8 +24,9 @@ for one-sequence-per-row padding beats the best tree layout, the batch is laid o
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +51,11 @@ class PackOptions:
     # CUDA) relative to the tree graph; the plain layout is used when its cost is lower than the best
     # tree layout's. None: no plain graph, or plain rows are off.
     plain_cost: float | None = None
+    # A run's fixed cost, in tokens. When set, a batch whose candidates differ widely in length is split
+    # into length classes and only the class holding the oldest candidate runs now (the rest is left
+    # over for the next run): one rectangular run would pad the short ones or pack them into long rows,
+    # where attention costs every token the whole row. None: one run for the whole batch.
+    run_overhead: float | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,10 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
     n = len(items)
     if n == 0:
         raise ValueError("pack() needs at least one item")
+    if options.run_overhead is not None and n > 1:
+        head_class = _head_length_class(items, options)
+        if len(head_class) < n:
+            return _pack_subset(items, head_class, replace(options, run_overhead=None), max_tokens, pad_id)
     lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
 
     # 1. order and neighbour LCPs
@@ -273,6 +283,53 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
         reads_computed=int(sum(len(rr) for rr in row_reads)),
         leftover=leftover,
     )
+
+
+def _pack_subset(
+    items: Sequence[Formatted], keep: list[int], options: PackOptions, max_tokens: int | None, pad_id: int
+) -> PackedBatch:
+    """Pack `items[keep]`; the others are left over. Indices in the result refer to `items`."""
+    sub = pack([items[i] for i in keep], options, max_tokens, pad_id)
+    reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
+    for k, i in enumerate(keep):
+        reads[i] = sub.item_reads[k]
+    kept = set(keep)
+    rest = [keep[k] for k in sub.leftover] + [i for i in range(len(items)) if i not in kept]
+    return replace(sub, item_reads=reads, leftover=sorted(rest))
+
+
+def _head_length_class(items: Sequence[Formatted], options: PackOptions) -> list[int]:
+    """The items to run now: the length class of item 0 (the oldest), in a partition of the batch's
+    trees, sorted by size, into contiguous classes of least estimated cost. A class of trees no longer
+    than S costs about ceil(tokens / S) rows x S x (1 + attention_cost x S), plus the run's overhead."""
+    assert options.run_overhead is not None
+    n = len(items)
+    lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
+    if options.share_prefixes:
+        order = sorted(range(n), key=lambda i: _key(items[i].ids))
+        shared = [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
+    else:
+        order, shared = list(range(n)), [0] * n
+    pieces, sizes = _pieces(order, shared, lengths, max(options.row_tokens, int(lengths.max())), options.min_shared)
+    by_size = sorted(range(len(pieces)), key=lambda p: -sizes[p])
+    m, ac = options.row_multiple, options.attention_cost
+    total = np.concatenate([[0], np.cumsum([sizes[p] for p in by_size])])
+    # best[i]: least cost of the i largest trees; cut[i]: where its last class starts
+    best = [0.0] + [math.inf] * len(by_size)
+    cut = [0] * (len(by_size) + 1)
+    for i in range(1, len(by_size) + 1):
+        for j in range(i):
+            seq = -(-sizes[by_size[j]] // m) * m
+            rows = -(-int(total[i] - total[j]) // seq)
+            cost = best[j] + rows * seq * (1.0 + ac * seq) + options.run_overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    head = next(k for k, p in enumerate(by_size) if any(i == 0 for i, _ in pieces[p]))
+    end = len(by_size)
+    while cut[end] > head:
+        end = cut[end]
+    chosen = by_size[cut[end] : end]
+    return sorted(i for p in chosen for i, _ in pieces[p])
 
 
 def _read_table(

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from stepscore.errors import DeadlineExceeded, ModelOutputError, Overloaded, StepscoreError, Unavailable
 from stepscore.runtime.backend import Backend
-from stepscore.runtime.config import EngineConfig, default_plain_cost
+from stepscore.runtime.config import EngineConfig, default_plain_cost, default_run_overhead
 from stepscore.runtime.packing import PackedBatch, PackOptions, SharedTokenCounter, pack
 from stepscore.runtime.types import Formatted
 
@@ -97,6 +97,12 @@ def _plain_cost(config: EngineConfig, backends: Sequence[Backend]) -> float | No
     return config.plain_cost if config.plain_cost >= 0 else default_plain_cost(backends[0].device)
 
 
+def _run_overhead(config: EngineConfig, backends: Sequence[Backend]) -> float | None:
+    if config.run_overhead_tokens == 0:
+        return None
+    return config.run_overhead_tokens if config.run_overhead_tokens > 0 else default_run_overhead(backends[0].device)
+
+
 class Scheduler:
     def __init__(self, backends: Sequence[Backend], config: EngineConfig) -> None:
         if not backends:
@@ -111,6 +117,7 @@ class Scheduler:
             min_shared=config.min_shared_tokens,
             attention_cost=max(0.0, config.attention_cost),
             plain_cost=_plain_cost(config, self._backends),
+            run_overhead=_run_overhead(config, self._backends),
         )
         self.stats = SchedulerStats()
         # called after every engine run with (batch, seconds); metrics subscribe here

@@ -9,6 +9,7 @@ each candidate alone within 1e-5 (fp32, CPU).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ options = st.builds(
     min_shared=st.integers(1, 4),
     attention_cost=st.sampled_from([0.0, 0.001, 0.05]),
     plain_cost=st.sampled_from([None, 0.0, 0.5, 1.0]),
+    run_overhead=st.sampled_from([None, None, 0.0, 16.0]),
 )
 
 
@@ -64,8 +66,15 @@ def test_every_token_sees_exactly_its_own_prefix(items: list[Formatted], opts: P
     assert s % opts.row_multiple == 0
     j = np.arange(s)
     flat_reads = batch.step_positions.reshape(-1)
+    left = set(batch.leftover)
+    assert 0 not in left  # the oldest candidate always runs: the queue always moves
+    if opts.run_overhead is None:
+        assert not left
     for i, item in enumerate(items):
         where = batch.item_reads[i]
+        if i in left:
+            assert len(where) == 0
+            continue
         assert len(where) == len(item.reads)
         rows = where // batch.step_positions.shape[1]
         assert len(set(rows.tolist())) == 1  # a candidate lives in one row
@@ -78,12 +87,12 @@ def test_every_token_sees_exactly_its_own_prefix(items: list[Formatted], opts: P
             np.testing.assert_array_equal(batch.position_ids[row, visible], np.arange(depth_read + 1))
     assert batch.tokens_used <= batch.tokens_computed
     if not opts.share_prefixes:
-        assert batch.tokens_used == sum(it.num_tokens for it in items)
+        assert batch.tokens_used == sum(it.num_tokens for i, it in enumerate(items) if i not in left)
     if opts.plain_cost == 0.0:
         assert batch.seq_lens is not None  # plain rows asked for every batch
     if opts.plain_cost is None or opts.plain_cost >= 1.0:
         assert batch.seq_lens is None  # never chosen, or never cheaper than the tree layout it includes
-    if batch.seq_lens is not None:
+    if batch.seq_lens is not None and not left:
         # the plain graph's layout: item r alone in row r from position 0, its length in seq_lens
         assert batch.shape[0] == len(items)
         for r, item in enumerate(items):
@@ -128,6 +137,30 @@ def test_plain_rows_are_chosen_by_cost_and_respect_the_budget() -> None:
     assert limited.tokens_used == 29 + 30 and 0 < limited.padding_fraction < 0.1
 
 
+def test_mixed_lengths_run_one_length_class_at_a_time() -> None:
+    # ProcessBench-like: independent solutions of very different lengths. One run would pad the short
+    # ones or pack them into long rows; with a run overhead the oldest one's length class runs now.
+    rng = np.random.default_rng(3)
+    lengths = [455, 175, 631, 949, 1543, 204, 690, 1078]
+    items = [Formatted(rng.integers(1, 50_000, n).astype(np.int32), np.array([n - 1], np.int32)) for n in lengths]
+    opts = PackOptions(row_multiple=16, attention_cost=5e-4, run_overhead=16.0)
+    one_run = pack(items, replace(opts, run_overhead=None))
+    assert not one_run.leftover and one_run.shape[1] >= 1543  # the 175-token one runs in a long row
+    pending = list(range(len(items)))
+    runs: list[tuple[list[int], int]] = []
+    while pending:  # what the scheduler does with leftovers: they go first in the next batch
+        batch = pack([items[i] for i in pending], opts)
+        assert 0 not in batch.leftover and batch.padding_fraction < 0.05
+        runs.append((sorted(lengths[pending[k]] for k in range(len(pending)) if k not in batch.leftover), batch.shape[1]))
+        pending = [pending[k] for k in batch.leftover]
+    assert sorted(n for run, _ in runs for n in run) == sorted(lengths)  # every candidate ran exactly once
+    assert len(runs) > 1
+    assert all(row < 1000 for run, row in runs if 175 in run)  # short ones run in short rows
+    # similar lengths stay together in one run
+    same = [Formatted(rng.integers(1, 50_000, 500 + k).astype(np.int32), np.array([499], np.int32)) for k in range(6)]
+    assert not pack(same, opts).leftover
+
+
 def test_attention_cost_trades_sharing_for_shorter_rows() -> None:
     # 8 candidates of 100 tokens sharing a 20-token prefix: one 660-token tree row, or 8 short rows
     prefix = list(range(1, 21))
@@ -166,7 +199,8 @@ def test_packed_scores_equal_alone_on_every_family(tiny_bundle: Callable[..., Pa
             alone.append(backend.run(b).reshape(-1)[b.item_reads[0]])
         batch = pack(items, opts)
         flat = backend.run(batch).reshape(-1)
-        for item_alone, where in zip(alone, batch.item_reads, strict=True):
-            np.testing.assert_allclose(flat[where], item_alone, atol=1e-5, rtol=0)
+        for i, (item_alone, where) in enumerate(zip(alone, batch.item_reads, strict=True)):
+            if i not in batch.leftover:
+                np.testing.assert_allclose(flat[where], item_alone, atol=1e-5, rtol=0)
 
     check()

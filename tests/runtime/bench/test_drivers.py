@@ -91,15 +91,15 @@ def test_poisson_arrivals_are_seeded() -> None:
 
 def test_open_loop_sends_on_the_seeded_schedule() -> None:
     system = FakeSystem(delay=0.05)
+    before = time.perf_counter()  # the loop's origin is no earlier than this
     point = asyncio.run(open_loop(system, requests(5), 100.0, count=12, seed=3))
     assert len(point.records) == 12 and point.mode == "open" and point.offered_rate == 100.0
     expected = poisson_arrivals(100.0, 12, seed=3)
     assert [r.sent_s for r in point.records] == pytest.approx(expected)
     # open loop: later requests go out while earlier ones are still running
     assert system.max_in_flight > 1
-    start = min(system.started)
-    sent = [t - start for t in system.started]
-    assert all(s >= e - expected[0] - 1e-3 for s, e in zip(sent, expected, strict=True))
+    # no request goes out before its scheduled time (a loaded machine may only delay them)
+    assert all(t - before >= e - 1e-3 for t, e in zip(sorted(system.started), expected, strict=True))
     # latency counts from the scheduled arrival, so it is at least the service time
     assert all(r.latency_s >= 0.05 for r in point.records)
     timed = asyncio.run(open_loop(FakeSystem(), requests(5), 200.0, duration=0.1, seed=3))
