@@ -8,6 +8,7 @@ and an export over tolerance exits non-zero.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ def validate_graph(
     reference_name: str,
     plain_graph_path: Path | None = None,
 ) -> ValidationReport:
-    backend = OrtBackend(graph_path, "cpu", plain_graph_path=plain_graph_path)
+    backend = OrtBackend(graph_path, "cpu")
     alone: list[npt.NDArray[np.float64]] = []
     for item in items:
         batch = pack([item], PackOptions(share_prefixes=False, row_tokens=1))
@@ -69,9 +70,12 @@ def validate_graph(
     packed = [flat[r].astype(np.float64) for r in packed_batch.item_reads]
     plain = None
     if plain_graph_path is not None:
+        del backend  # one session, one copy of the weights, at a time: the peak of a large export
+        gc.collect()
+        plain_backend = OrtBackend(None, "cpu", plain_graph_path=plain_graph_path)
         plain_batch = pack(items, PackOptions(plain_cost=0.0))
         assert plain_batch.seq_lens is not None and not plain_batch.leftover
-        flat = backend.run(plain_batch).reshape(-1)
+        flat = plain_backend.run(plain_batch).reshape(-1)
         plain = [flat[r].astype(np.float64) for r in plain_batch.item_reads]
 
     longest = max(len(r) for r in reference)

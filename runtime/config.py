@@ -28,7 +28,7 @@ PLAIN_ROWS: tuple[PlainRows, ...] = ("auto", "always", "never")
 def default_plain_cost(device: str) -> float:
     """A plain-row token's cost relative to a tree-row token, before it is measured on the card.
 
-    On the CPU EP the plain graph ran the same padded batches 4-15% faster than the tree graph (the bias
+    On the CPU EP the plain graph ran the same padded batches 8-19% faster than the tree graph (the bias
     add and the K/V head repeat are gone; benchmarks/RESULTS.md, section plain): 0.9. On CUDA its
     GroupQueryAttention runs flash attention where MultiHeadAttention with a bias cannot; 0.75 is an
     expectation to be replaced by the GPU script's measurement (benchmarks/gpu/NOTES.md).

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
+from stepscore.errors import ConfigError
 from stepscore.runtime.backend import OrtBackend
 from stepscore.runtime.bundle import OUTPUTS, PLAIN_INPUTS, load_bundle
 from stepscore.runtime.engine import SyncEngine
@@ -62,6 +63,13 @@ def test_plain_graph_equals_tree_graph_on_padded_rows(tiny_bundle: Callable[...,
     assert batch.seq_lens is not None
     # the same batch through the tree graph (its attn_end and position_ids) and through the plain graph
     np.testing.assert_allclose(both.run(batch), tree_backend.run(batch), atol=1e-5, rtol=0)
+    # the plain graph alone (as export's validation loads it): same scores, and it refuses tree batches
+    alone = OrtBackend(None, plain_graph_path=bundle / "model_plain.onnx")
+    np.testing.assert_allclose(alone.run(batch), both.run(batch), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="only the plain-row graph"):
+        alone.run(pack(items, PackOptions()))
+    with pytest.raises(ConfigError, match="needs a graph"):
+        OrtBackend(None)
 
 
 def test_external_data_is_shared_not_copied(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
