@@ -8,6 +8,7 @@ and an export over tolerance exits non-zero.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -51,6 +52,14 @@ def _diff(got: npt.NDArray[np.float64], want: npt.NDArray[np.float64], rule: Sco
     return np.asarray(d)
 
 
+def _return_freed_memory() -> None:
+    # glibc keeps freed heap pages for reuse; hand them back so the next session does not add to the peak
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def validate_graph(
     graph_path: Path,
     items: Sequence[Formatted],
@@ -72,6 +81,7 @@ def validate_graph(
     if plain_graph_path is not None:
         del backend  # one session, one copy of the weights, at a time: the peak of a large export
         gc.collect()
+        _return_freed_memory()
         plain_backend = OrtBackend(None, "cpu", plain_graph_path=plain_graph_path)
         plain_batch = pack(items, PackOptions(plain_cost=0.0))
         assert plain_batch.seq_lens is not None and not plain_batch.leftover
