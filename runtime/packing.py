@@ -147,6 +147,16 @@ class SharedTokenCounter:
         return new
 
 
+def _sorted_with_lcps(items: Sequence[Formatted], share: bool) -> tuple[list[int], list[int]]:
+    """Item order (lexicographic by tokens when sharing: the depth-first order of their trie) and each
+    item's common prefix length with its predecessor in that order."""
+    n = len(items)
+    if not share:
+        return list(range(n)), [0] * n
+    order = sorted(range(n), key=lambda i: _key(items[i].ids))
+    return order, [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
+
+
 def _pieces(
     order: Sequence[int], shared: Sequence[int], lengths: npt.NDArray[np.int64], capacity: int, min_shared: int
 ) -> tuple[list[list[tuple[int, int]]], list[int]]:
@@ -203,12 +213,7 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
     lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
 
     # 1. order and neighbour LCPs
-    if options.share_prefixes:
-        order = sorted(range(n), key=lambda i: _key(items[i].ids))
-        shared = [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
-    else:
-        order = list(range(n))
-        shared = [0] * n
+    order, shared = _sorted_with_lcps(items, options.share_prefixes)
 
     # 2-3. pieces and rows for a few tree capacities; keep the cheapest layout. A larger capacity shares
     # more (fewer tokens) but makes longer rows, and attention costs every token the whole row length:
@@ -303,13 +308,8 @@ def _head_length_class(items: Sequence[Formatted], options: PackOptions) -> list
     trees, sorted by size, into contiguous classes of least estimated cost. A class of trees no longer
     than S costs about ceil(tokens / S) rows x S x (1 + attention_cost x S), plus the run's overhead."""
     assert options.run_overhead is not None
-    n = len(items)
     lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
-    if options.share_prefixes:
-        order = sorted(range(n), key=lambda i: _key(items[i].ids))
-        shared = [0] + [lcp(items[order[j - 1]].ids, items[order[j]].ids) for j in range(1, n)]
-    else:
-        order, shared = list(range(n)), [0] * n
+    order, shared = _sorted_with_lcps(items, options.share_prefixes)
     pieces, sizes = _pieces(order, shared, lengths, max(options.row_tokens, int(lengths.max())), options.min_shared)
     by_size = sorted(range(len(pieces)), key=lambda p: -sizes[p])
     m, ac = options.row_multiple, options.attention_cost
