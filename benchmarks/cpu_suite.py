@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -49,33 +47,13 @@ def build_model() -> tuple[Path, Path]:
     manifest = bundle / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text())["graph"].get("plain_file"):
         return folder, bundle
-    if (folder / "model.safetensors").is_file():  # a bundle from before plain-row graphs: export again
-        from stepscore.export.pipeline import export_model
-
-        export_model(str(folder), bundle, precision="fp32", force=True, progress=lambda line: log("  " + line))
-        return folder, bundle
     tok = SHARED / "tokenizers" / "qwen2.5-math-prm"
-    if not tok.is_dir():
+    if not (folder / "model.safetensors").is_file() and not tok.is_dir():
         raise SystemExit(f"{tok} is missing: the CPU suite needs the real Qwen tokenizer and traces in ../shared")
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2Model
+    from benchmarks.models import write_random_prm
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(tok / "tokenizer.json.gz", "rb") as fin, (folder / "tokenizer.json").open("wb") as fout:
-        shutil.copyfileobj(fin, fout)
-    shutil.copy(tok / "tokenizer_config.json", folder / "tokenizer_config.json")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=151936, max_position_embeddings=4096, rope_theta=10000.0, **SHAPE)
-    body = Qwen2Model(config)
-    h = config.hidden_size
-    state = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
-    state |= {"score.0.weight": torch.randn(h, h) * 0.02, "score.0.bias": torch.zeros(h),
-              "score.2.weight": torch.randn(2, h) * 0.02, "score.2.bias": torch.zeros(2)}  # fmt: skip
-    save_file(state, str(folder / "model.safetensors"))
-    cfg = config.to_dict()
-    cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
-    (folder / "config.json").write_text(json.dumps(cfg))
+    # fp32 weights (the bundle is fp32: faster on a CPU); the real tokenizer and its chat template
+    write_random_prm(folder, {"vocab_size": 151936, **SHAPE}, dtype="float32", tokenizer=tok, system_prompt=None)
     from stepscore.export.pipeline import export_model
 
     export_model(str(folder), bundle, precision="fp32", force=True, progress=lambda line: log("  " + line))

@@ -12,7 +12,6 @@ copy of the model (the validation reference) plus the largest tensor, never two 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import subprocess
@@ -23,39 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.cpu_suite import CACHE, environment, log, write_section  # noqa: E402
-
-SHAPES = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936),
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936),
-}  # fmt: skip
+from benchmarks.models import SHAPES, write_random_prm  # noqa: E402
 
 
 def build(folder: Path, shape: dict[str, int]) -> int:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2Model
-
-    from tests.helpers.tiny_models import _train_tokenizer
-
-    config = Qwen2Config(max_position_embeddings=4096, **shape)
-    if not (folder / "model.safetensors").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        _train_tokenizer("qwen", folder)
-        torch.manual_seed(0)
-        body = Qwen2Model(config).to(torch.bfloat16)
-        h = config.hidden_size
-        state = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
-        head = {"score.0.weight": torch.randn(h, h) * 0.02, "score.0.bias": torch.zeros(h),
-                "score.2.weight": torch.randn(2, h) * 0.02, "score.2.bias": torch.zeros(2)}  # fmt: skip
-        state |= {k: v.bfloat16() for k, v in head.items()}
-        save_file(state, str(folder / "model.safetensors"))
-        cfg = config.to_dict()
-        cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
-        (folder / "config.json").write_text(json.dumps(cfg))
-        (folder / "stepscore.json").write_text(json.dumps({"system_prompt": ""}))
-        del body, state
+    """The checkpoint (written once, cached) and its parameter count."""
+    write_random_prm(folder, shape)
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "np") as f:

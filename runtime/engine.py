@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from stepscore import __version__
 from stepscore.errors import ConfigError, DeadlineExceeded, InvalidRequest, Unavailable
 from stepscore.runtime.aggregates import aggregate
@@ -30,7 +33,7 @@ from stepscore.runtime.config import EngineConfig
 from stepscore.runtime.formatting import Formatter
 from stepscore.runtime.packing import PackedBatch
 from stepscore.runtime.scheduler import Scheduler, SchedulerStats
-from stepscore.runtime.types import AGGREGATES, CandidateScore, ScoreRequest, ScoreResult, Timing, TokenIds
+from stepscore.runtime.types import AGGREGATES, CandidateScore, Formatted, ScoreRequest, ScoreResult, Timing, TokenIds
 
 
 def validate_request(request: ScoreRequest) -> None:
@@ -85,6 +88,25 @@ class EngineInfo:
     stepscore_version: str
     onnxruntime_version: str
     manifest: dict[str, Any]
+
+
+def build_result(
+    items: Sequence[Formatted], scores: Sequence[npt.NDArray[np.float32]], request: ScoreRequest, timing: Timing
+) -> ScoreResult:
+    """The answer to `request` from its candidates' step scores: the aggregates asked for, token counts.
+    (The benchmark's baselines answer through it too, so every system's result means the same.)"""
+    candidates = []
+    for item, values in zip(items, scores, strict=True):
+        aggs = aggregate(values, request.aggregates, request.soft_min_temperature) if request.aggregates else {}
+        candidates.append(
+            CandidateScore(
+                step_scores=[float(x) for x in values] if request.return_step_scores else [],
+                aggregates=aggs,
+                num_tokens=item.num_tokens,
+                num_truncated_steps=item.num_truncated_steps,
+            )
+        )
+    return ScoreResult(candidates=candidates, timing=timing, request_id=request.request_id)
 
 
 class Engine:
@@ -175,17 +197,6 @@ class Engine:
                 per_item = await asyncio.wait_for(entry.future, max(0.0, request.deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise DeadlineExceeded("the deadline passed before the scores were computed") from None
-        candidates = []
-        for item, scores in zip(items, per_item, strict=True):
-            aggs = aggregate(scores, request.aggregates, request.soft_min_temperature) if request.aggregates else {}
-            candidates.append(
-                CandidateScore(
-                    step_scores=[float(x) for x in scores] if request.return_step_scores else [],
-                    aggregates=aggs,
-                    num_tokens=item.num_tokens,
-                    num_truncated_steps=item.num_truncated_steps,
-                )
-            )
         queued_at = entry.first_batch_at or entry.enqueued_at
         timing = Timing(
             queue_ms=(queued_at - entry.enqueued_at) * 1000.0,
@@ -193,7 +204,7 @@ class Engine:
             compute_ms=entry.compute_s * 1000.0,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return ScoreResult(candidates=candidates, timing=timing, request_id=request.request_id)
+        return build_result(items, per_item, request, timing)
 
     # -- introspection --------------------------------------------------------------------------
 

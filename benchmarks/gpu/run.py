@@ -38,9 +38,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.models import SHAPES as MODEL_SHAPES  # noqa: E402
+from benchmarks.models import write_random_prm  # noqa: E402
+
 SHAPES = {
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936),
+    "1.5b": MODEL_SHAPES["1.5b"],
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=4096),
 }  # fmt: skip
@@ -77,39 +79,6 @@ def timed(fn: Callable[[], Any], device: str, warmup: int = 3, iters: int = 10) 
 
 
 # --- the model -------------------------------------------------------------------------------------
-
-
-def build_model(folder: Path, shape: dict[str, int], device: str, seed: int = 0) -> None:
-    """A Qwen2.5-Math-PRM-shaped checkpoint with random weights (bf16 safetensors) and a small tokenizer."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2Model
-
-    from tests.helpers.tiny_models import _train_tokenizer
-
-    if (folder / "model.safetensors").is_file():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    _train_tokenizer("qwen", folder)
-    torch.manual_seed(seed)
-    config = Qwen2Config(max_position_embeddings=4096, rope_theta=10000.0, **shape)
-    with torch.device(device):
-        body = Qwen2Model(config).to(torch.bfloat16)
-    h = config.hidden_size
-    state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed + 1)
-    state |= {
-        "score.0.weight": (torch.randn(h, h, generator=gen) * 0.02).to(torch.bfloat16),
-        "score.0.bias": torch.zeros(h, dtype=torch.bfloat16),
-        "score.2.weight": (torch.randn(2, h, generator=gen) * 0.02).to(torch.bfloat16),
-        "score.2.bias": torch.zeros(2, dtype=torch.bfloat16),
-    }
-    save_file(state, str(folder / "model.safetensors"))
-    cfg = config.to_dict()
-    cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "stepscore.json").write_text(json.dumps({"system_prompt": ""}))
-    del body, state
 
 
 def body_params(shape: dict[str, int]) -> int:
@@ -321,7 +290,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     folder, bundle = args.work / "model", args.work / "bundle"
     t0 = time.perf_counter()
-    build_model(folder, shape, args.device if args.device != "cpu" else "cpu")
+    write_random_prm(folder, shape, device=args.device)
     log(f"model built in {time.perf_counter() - t0:.0f}s ({body_params(shape) / 1e9:.2f}B body parameters)")
     if not (bundle / "manifest.json").is_file():
         from stepscore.export.pipeline import export_model

@@ -14,6 +14,7 @@ with the bundle's own format and tokenizer, so all of them compute the same toke
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
@@ -36,12 +37,11 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ConfigError, StepscoreError
-from stepscore.runtime.aggregates import aggregate
 from stepscore.runtime.bundle import Bundle, HeadSpec, load_bundle
 from stepscore.runtime.config import EngineConfig
 from stepscore.runtime.formatting import Formatter
 from stepscore.runtime.packing import PackOptions, pack
-from stepscore.runtime.types import CandidateScore, Formatted, ScoreRequest, ScoreResult, Timing
+from stepscore.runtime.types import Formatted, ScoreRequest, ScoreResult, Timing
 
 log = logging.getLogger("stepscore.bench")
 
@@ -95,24 +95,6 @@ class System(Protocol):
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-
-def _result(
-    items: Sequence[Formatted], scores: Sequence[npt.NDArray[np.float32]], request: ScoreRequest, timing: Timing
-) -> ScoreResult:
-    """A ScoreResult built the way the engine builds one (same aggregates, same token counts)."""
-    candidates = []
-    for item, values in zip(items, scores, strict=True):
-        aggs = aggregate(values, request.aggregates, request.soft_min_temperature) if request.aggregates else {}
-        candidates.append(
-            CandidateScore(
-                step_scores=[float(x) for x in values] if request.return_step_scores else [],
-                aggregates=aggs,
-                num_tokens=item.num_tokens,
-                num_truncated_steps=item.num_truncated_steps,
-            )
-        )
-    return ScoreResult(candidates=candidates, timing=timing, request_id=request.request_id)
 
 
 # --- the engine in this process ------------------------------------------------------------------
@@ -376,7 +358,7 @@ class ServiceSystem:
 # --- baselines ---------------------------------------------------------------------------------------
 
 
-class _Sequential:
+class _Sequential(abc.ABC):
     """One request at a time on one worker thread; waiting for the lock is the request's queue time."""
 
     sequential = True
@@ -395,11 +377,12 @@ class _Sequential:
             c.batches + 1, c.tokens_submitted + submitted, c.tokens_used + used, c.tokens_computed + computed
         )
 
+    @abc.abstractmethod
     def _run(self, items: Sequence[Formatted]) -> list[npt.NDArray[np.float32]]:
-        raise NotImplementedError
+        """Step scores of one request's candidates (on the worker thread)."""
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        from stepscore.runtime.engine import validate_request
+        from stepscore.runtime.engine import build_result, validate_request
 
         if self._formatter is None or self._lock is None:
             raise StepscoreError(f"{self.name}: setup() was not called")
@@ -419,7 +402,7 @@ class _Sequential:
             compute_ms=(done - formatted) * 1000.0,
             total_ms=(done - started) * 1000.0,
         )
-        return _result(items, scores, request, timing)
+        return build_result(items, scores, request, timing)
 
     async def counters(self) -> BatchCounters | None:
         return self._counters

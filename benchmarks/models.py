@@ -1,0 +1,76 @@
+"""Random-weight PRMs in the Qwen2.5-Math-PRM layout, for the benchmark scripts (CPU suite, export scale,
+GPU script). Speed does not depend on what a model learned, so no download is needed.
+
+Needs torch, transformers and safetensors (the export extra).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+SHAPES: dict[str, dict[str, int]] = {
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936),
+}  # fmt: skip
+
+
+def write_random_prm(
+    folder: Path,
+    shape: dict[str, int],
+    *,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    seed: int = 0,
+    tokenizer: Path | None = None,
+    system_prompt: str | None = "",
+) -> None:
+    """Write a checkpoint (config.json, model.safetensors, tokenizer) into `folder`, unless one is there.
+
+    `tokenizer`: a folder holding tokenizer.json(.gz) and tokenizer_config.json (a real tokenizer, read by
+    path); None trains a small one. `system_prompt`: written to stepscore.json for export (None: none, so
+    the tokenizer's chat template decides).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2Model
+
+    if (folder / "model.safetensors").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        from tests.helpers.tiny_models import _train_tokenizer
+
+        _train_tokenizer("qwen", folder)
+    else:
+        packed = tokenizer / "tokenizer.json.gz"
+        if packed.is_file():
+            with gzip.open(packed, "rb") as fin, (folder / "tokenizer.json").open("wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        else:
+            shutil.copy(tokenizer / "tokenizer.json", folder / "tokenizer.json")
+        shutil.copy(tokenizer / "tokenizer_config.json", folder / "tokenizer_config.json")
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    config = Qwen2Config(max_position_embeddings=4096, rope_theta=10000.0, **shape)
+    with torch.device(device):
+        body = Qwen2Model(config).to(torch_dtype)
+    h = config.hidden_size
+    state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in body.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    state |= {
+        "score.0.weight": (torch.randn(h, h, generator=gen) * 0.02).to(torch_dtype),
+        "score.0.bias": torch.zeros(h, dtype=torch_dtype),
+        "score.2.weight": (torch.randn(2, h, generator=gen) * 0.02).to(torch_dtype),
+        "score.2.bias": torch.zeros(2, dtype=torch_dtype),
+    }
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if system_prompt is not None:
+        (folder / "stepscore.json").write_text(json.dumps({"system_prompt": system_prompt}))
