@@ -1,10 +1,10 @@
 """CPU benchmarks of the runtime, on the real search traces, written into benchmarks/RESULTS.md.
 
-    python benchmarks/cpu_suite.py runtime     # engine vs one-request-at-a-time ORT vs PyTorch eager (Best-of-N)
-    python benchmarks/cpu_suite.py sharing     # prefix sharing on vs off (beam search, DVTS)
-    python benchmarks/cpu_suite.py grpc        # gRPC service vs the engine in-process
-    python benchmarks/cpu_suite.py plain       # plain-row graph (GroupQueryAttention) vs tree graph
-    python benchmarks/cpu_suite.py all
+    python -m benchmarks.cpu_suite runtime     # engine vs one-request-at-a-time ORT vs PyTorch eager (Best-of-N)
+    python -m benchmarks.cpu_suite sharing     # prefix sharing on vs off (beam search, DVTS)
+    python -m benchmarks.cpu_suite grpc        # gRPC service vs the engine in-process
+    python -m benchmarks.cpu_suite plain       # plain-row graph (GroupQueryAttention) vs tree graph
+    python -m benchmarks.cpu_suite all
 
 The model is a small Qwen2-shaped PRM with random weights (speed does not depend on what a model learned)
 and the real Qwen2.5-Math-PRM tokenizer from ../shared/tokenizers, exported to fp32 (faster than fp16 on a
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SHARED = ROOT.parent / "shared"
@@ -126,7 +125,7 @@ def _row(label: str, s: Any, a: Any, b: Any, bold: bool = False) -> str:
 
 
 def cmd_line() -> str:
-    return "python benchmarks/cpu_suite.py " + " ".join(sys.argv[1:])
+    return "python -m benchmarks.cpu_suite " + " ".join(sys.argv[1:])
 
 
 # --- sections --------------------------------------------------------------------------------------
@@ -189,7 +188,7 @@ async def sharing_section(args: argparse.Namespace) -> None:
 
 {environment()}. Command: `{cmd_line()}`. Same model as above; the engine at 16 concurrent callers.
 Workloads rebuilt from the search-and-learn beam-search traces (16 candidates per call, whole prefix + new
-step at every iteration; see `runtime/bench/workloads.py`).
+step at every iteration; see `stepscore.runtime.bench.workloads`).
 
 | workload | requests | tokens computed / submitted, off | ... on | tokens/s off | tokens/s on | speed-up |
 |---|---|---|---|---|---|---|
@@ -317,7 +316,7 @@ async def plain_section(args: argparse.Namespace) -> None:
     wl = load_workload("bon16", SHARED / "data", limit=args.requests)
     engine_rows = []
     for mode in ("never", "auto", "always"):
-        config = EngineConfig(intra_op_threads=args.threads, plain_rows=mode)  # type: ignore[arg-type]
+        config = EngineConfig(intra_op_threads=args.threads, plain_rows=mode)
         engine_rows.append((mode, await measure(EngineSystem(bundle, config=config), wl.requests, 64, "bon16")))
     graph_lines = "\n".join(
         f"| {b}x{s} | {b * s / t:,.0f} | {b * s / p:,.0f} | {t / p:.2f} | {d:.1e} |" for b, s, t, p, d in graph_rows
@@ -328,7 +327,7 @@ async def plain_section(args: argparse.Namespace) -> None:
     )
     body = f"""## Plain-row graph vs tree graph (CPU)
 
-{environment()}. Command: `{cmd_line()}`. Same model. The plain-row graph (`export/plain.py`) runs
+{environment()}. Command: `{cmd_line()}`. Same model. The plain-row graph (`stepscore.export.plain`) runs
 GroupQueryAttention without an attention bias; on CUDA that is the flash-attention path, which this CPU run
 cannot show. Median of 5 runs of the same padded batch (random tokens, 8 reads per row) through each graph:
 

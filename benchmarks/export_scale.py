@@ -1,7 +1,7 @@
 """Export time and peak memory on a real-sized model, written into benchmarks/RESULTS.md.
 
-    python benchmarks/export_scale.py                 # Qwen2.5-0.5B-shaped PRM, fp16 graph, validated
-    python benchmarks/export_scale.py --shape 1.5b    # Qwen2-1.5B-shaped (about 3 GB of bf16 weights)
+    python -m benchmarks.export_scale                 # Qwen2.5-0.5B-shaped PRM, fp16 graph, validated
+    python -m benchmarks.export_scale --shape 1.5b    # Qwen2-1.5B-shaped (about 3 GB of bf16 weights)
 
 Random bf16 weights in a Qwen2.5-Math-PRM layout are written to benchmarks/.cache, then `stepscore export`
 runs in its own process (so its peak memory is its own) and its progress lines are recorded. The point:
@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cpu_suite import CACHE, environment, log, write_section
+from benchmarks.models import SHAPES, write_random_prm
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.cpu_suite import CACHE, environment, log, write_section  # noqa: E402
-from benchmarks.models import SHAPES, write_random_prm  # noqa: E402
 
 
 def build(folder: Path, shape: dict[str, int]) -> int:
@@ -61,7 +61,7 @@ def main() -> int:
     data = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     body = f"""## Export: time and peak memory at {args.shape.upper()} scale (CPU)
 
-{environment()}. Command: `python benchmarks/export_scale.py --shape {args.shape} --precision {args.precision}`.
+{environment()}. Command: `python -m benchmarks.export_scale --shape {args.shape} --precision {args.precision}`.
 A Qwen2-{args.shape.upper()}-shaped PRM ({params / 1e9:.2f}B parameters, random bf16 weights, Qwen2.5-Math-PRM layout)
 exported to an {args.precision} graph, validated against the PyTorch fp32 reference as every export is.
 

@@ -10,6 +10,7 @@ import gzip
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 SHAPES: dict[str, dict[str, int]] = {
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -56,7 +57,8 @@ def write_random_prm(
         shutil.copy(tokenizer / "tokenizer_config.json", folder / "tokenizer_config.json")
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
-    config = Qwen2Config(max_position_embeddings=4096, rope_theta=10000.0, **shape)
+    settings: dict[str, Any] = {"max_position_embeddings": 4096, "rope_theta": 10000.0, **shape}
+    config = Qwen2Config(**settings)
     with torch.device(device):
         body = Qwen2Model(config).to(torch_dtype)
     h = config.hidden_size

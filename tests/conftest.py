@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from stepscore.runtime.bundle import Precision
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not SHARED.is_dir():  # a checkout beside ../shared, or the STEPSCORE_SHARED variable
     import os
@@ -34,18 +36,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str], Path]) -> Callable[..., Path]:
-    """tiny_bundle(kind, precision="fp32") -> an exported, validated bundle of that tiny model."""
-    from stepscore.export.pipeline import export_model
+    """tiny_bundle(kind, precision="fp32") -> an exported, validated bundle of that tiny model (read from
+    $STEPSCORE_TEST_BUNDLES when that holds it: see tests/helpers/bundles.py)."""
+    from tests.helpers.bundles import exported_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     made: dict[tuple[str, str], Path] = {}
 
-    def get(kind: str, precision: str = "fp32") -> Path:
+    def get(kind: str, precision: Precision = "fp32") -> Path:
         key = (kind, precision)
         if key not in made:
-            out = root / f"{kind}-{precision}"
-            export_model(str(tiny_model(kind)), out, precision=precision, progress=lambda _: None)  # type: ignore[arg-type]
-            made[key] = out
+            made[key] = exported_bundle(f"{kind}-{precision}", root, lambda _: tiny_model(kind), precision)
         return made[key]
 
     return get

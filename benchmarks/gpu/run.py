@@ -1,7 +1,7 @@
 """All GPU checks in one run: build a Qwen2-1.5B-shaped PRM, export it, and measure.
 
-    python benchmarks/gpu/run.py --out $OUT                 # on the GPU machine (see benchmarks/gpu/NOTES.md)
-    python benchmarks/gpu/run.py --tiny --device cpu --out /tmp/gpu-smoke   # smoke test of the script on a CPU
+    python -m benchmarks.gpu.run --out $OUT                 # on the GPU machine (see benchmarks/gpu/NOTES.md)
+    python -m benchmarks.gpu.run --tiny --device cpu --out /tmp/gpu-smoke   # smoke test of the script on a CPU
 
 Sections (each prints a short table; `--only` picks some):
 
@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from benchmarks.models import SHAPES as MODEL_SHAPES
+from benchmarks.models import write_random_prm
 
-from benchmarks.models import SHAPES as MODEL_SHAPES  # noqa: E402
-from benchmarks.models import write_random_prm  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+
 
 SHAPES = {
     "1.5b": MODEL_SHAPES["1.5b"],
@@ -99,7 +99,8 @@ class TorchPRM:
         self.torch = torch
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         self.device = device
-        self.body = Qwen2Model.from_pretrained(str(folder), dtype=self.dtype, attn_implementation="sdpa").to(device)
+        body_cls: Any = Qwen2Model  # from_pretrained's decorator is mistyped in transformers
+        self.body = body_cls.from_pretrained(str(folder), dtype=self.dtype, attn_implementation="sdpa").to(device)
         self.body.eval()
         st = load_file(str(folder / "model.safetensors"))
         self.w = {

@@ -1,4 +1,4 @@
-"""The plain-row graph (export/plain.py): structure, weights shared with the tree graph, parity with it,
+"""The plain-row graph (stepscore.export.plain): structure, weights shared with the tree graph, parity with it,
 and export without it when onnxruntime's GroupQueryAttention cannot take the model's head size."""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_rlhflow_reads_before_plus_with_candidates_10_12(exported: Callable[[str
     from transformers import PreTrainedTokenizerFast
 
     cfg = json.loads((bundle.parent / "rlhflow-model" / "tokenizer_config.json").read_text())
-    tok = PreTrainedTokenizerFast(
+    make: Any = PreTrainedTokenizerFast  # untyped constructor
+    tok = make(
         tokenizer_file=str(bundle / "tokenizer.json"),
         bos_token=cfg["bos_token"],
         eos_token=cfg["eos_token"],

@@ -35,6 +35,15 @@ LLAMA3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
+# kinds saved through transformers' own classes: kind -> (model class, config class, config overrides)
+HF_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "trl": ("Qwen2ForTokenClassification", "Qwen2Config", {"num_labels": 2}),
+    "qwen3-trl": ("Qwen3ForTokenClassification", "Qwen3Config", {"num_labels": 2, "head_dim": 16}),
+    "math-shepherd": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 256}),
+    "rlhflow": ("LlamaForCausalLM", "LlamaConfig", {"tie_word_embeddings": False}),
+    "orm": ("LlamaForSequenceClassification", "LlamaConfig", {"num_labels": 1}),
+}
+
 KINDS = ("qwen-prm", "trl", "math-shepherd", "rlhflow", "skywork", "orm", "qwen3-trl")
 
 
@@ -159,17 +168,9 @@ def build(kind: str, folder: Path, seed: int = 0, tokenizer_dir: Path | None = N
             )
             _save_state(folder, state, config, "Qwen2ForPrmModel")
         return folder
-    if kind == "trl":
-        model = transformers.Qwen2ForTokenClassification(_config("Qwen2Config", vocab, hidden, num_labels=2))
-    elif kind == "qwen3-trl":
-        model = transformers.Qwen3ForTokenClassification(_config("Qwen3Config", vocab, hidden, num_labels=2, head_dim=16))
-    elif kind == "math-shepherd":
-        model = transformers.MistralForCausalLM(_config("MistralConfig", vocab, hidden, sliding_window=256))
-    elif kind == "rlhflow":
-        model = transformers.LlamaForCausalLM(_config("LlamaConfig", vocab, hidden, tie_word_embeddings=False))
-    elif kind == "orm":
-        model = transformers.LlamaForSequenceClassification(_config("LlamaConfig", vocab, hidden, num_labels=1))
-    else:
+    if kind not in HF_MODELS:
         raise ValueError(f"unknown tiny model kind {kind!r}")
+    model_cls, config_cls, extra = HF_MODELS[kind]
+    model = getattr(transformers, model_cls)(_config(config_cls, vocab, hidden, **extra))
     model.save_pretrained(str(folder))
     return folder

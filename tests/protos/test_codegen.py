@@ -32,5 +32,5 @@ def test_generated_code_is_reproducible(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for name in GENERATED:
         fresh = (tmp_path / "stepscore/v1" / name).read_text()
-        committed = (ROOT / "protos/stepscore/v1" / name).read_text()
-        assert fresh == committed, f"protos/stepscore/v1/{name} is stale: regenerate it (see the .proto header)"
+        committed = (ROOT / "runtime/src/stepscore/v1" / name).read_text()
+        assert fresh == committed, f"runtime/src/stepscore/v1/{name} is stale: regenerate it (see the .proto header)"

@@ -1,36 +1,57 @@
-"""`stepscore score`: one output line per input line, bad lines reported with their number."""
+"""The one `stepscore` command: every subcommand registered once, `stepscore` alone helps, errors are one line."""
 
 from __future__ import annotations
 
-import json
+import argparse
+import os
 import subprocess
 import sys
-from collections.abc import Callable
-from pathlib import Path
+
+import pytest
+
+from stepscore.cli import build_parser, main
+from stepscore.version import __version__
 
 
-def test_score_jsonl(tiny_bundle: Callable[..., Path], tmp_path: Path) -> None:
-    lines = [
-        json.dumps({"problem": "2+2?", "candidates": [["2+2=4.", "So 4."], ["2+2=5."]], "aggregates": ["min", "last"]}),
-        "not json",
-        json.dumps({"problem": "x", "candidates": [["ok", ""]]}),
-        json.dumps({"problem": "x", "candidates": [["fine"]]}),
+def _run(*args: str, env: dict[str, str] | None = None, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "stepscore.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_every_subcommand_is_registered() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"export", "score", "serve", "bench", "demo"}
+
+
+def test_bare_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for command in ("export", "score", "serve", "bench", "demo"):
+        assert command in out
+
+
+def test_version() -> None:
+    proc = _run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"stepscore {__version__}"
+
+
+def test_bad_environment_default_is_one_line_error() -> None:
+    proc = _run("serve", "--help", env={"STEPSCORE_PORT": "not-a-port"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "stepscore: error: environment variable STEPSCORE_PORT='not-a-port' is not valid "
+        "(invalid literal for int() with base 10: 'not-a-port')"
     ]
-    src = tmp_path / "in.jsonl"
-    src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"problem": "\xff"}\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "stepscore.cli", "score", str(tiny_bundle("trl")), str(src)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+
+
+def test_export_without_the_export_project_says_how_to_get_it() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['stepscore.export'] = None  # the runtime installed alone\n"
+        "from stepscore.cli import main\n"
+        "sys.exit(main(['export', 'model', 'out']))\n"
     )
-    out = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(out) == 5 and proc.returncode == 1
-    first = out[0]["candidates"]
-    assert len(first) == 2 and len(first[0]["step_scores"]) == 2 and len(first[1]["step_scores"]) == 1
-    assert set(first[0]["aggregates"]) == {"min", "last"} and first[0]["num_tokens"] > 0
-    assert out[1]["error"]["line"] == 2 and "not JSON" in out[1]["error"]["message"]
-    assert out[2]["error"]["field"] == "candidates[0].steps[1]"
-    assert "step_scores" in out[3]["candidates"][0]
-    assert out[4]["error"]["line"] == 5 and "UTF-8" in out[4]["error"]["message"]
-    assert "line 2:" in proc.stderr and "line 3:" in proc.stderr
+    proc = _run(code=code)
+    assert proc.returncode == 2
+    assert "pip install 'stepscore[export]'" in proc.stderr and "Traceback" not in proc.stderr

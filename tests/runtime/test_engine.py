@@ -276,6 +276,7 @@ def test_stress_every_accepted_request_is_answered_once(tiny_bundle: Callable[..
             answers[req.request_id] = answers.get(req.request_id, 0) + 1
             assert len(result.candidates) == len(req.candidates)
             for cand, steps in zip(result.candidates, req.candidates, strict=True):
+                assert not isinstance(steps, TokenIds)  # this test sends text steps
                 assert len(cand.step_scores) == len(steps)
             outcomes["ok"] += 1
 

@@ -30,7 +30,8 @@ def tries(draw: st.DrawFn, vocab: int = 50, max_items: int = 12, max_len: int = 
     n = draw(st.integers(1, max_items))
     seqs: list[list[int]] = []
     for _ in range(n):
-        if seqs and draw(st.booleans()):
+        reuse: bool = draw(st.booleans())
+        if seqs and reuse:
             base = draw(st.sampled_from(seqs))
             base = base[: draw(st.integers(0, len(base)))]
         else:

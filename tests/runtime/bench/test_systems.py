@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from stepscore.runtime.bench.drivers import closed_loop
 from stepscore.runtime.bench.systems import (
@@ -38,6 +39,7 @@ async def _score_all(system: System, reqs: Sequence[ScoreRequest]) -> tuple[np.n
 
 
 def test_engine_baselines_agree(tiny_bundle: Callable[..., Path], tiny_model: Callable[[str], Path]) -> None:
+    pytest.importorskip("torch", reason="the PyTorch eager baseline needs torch (the export extra)")
     bundle = tiny_bundle("qwen-prm")
     reqs = load_workload("synthetic-beam", limit=3, synthetic_scale=0.1, truncate_left=True).requests
     engine, c_engine = asyncio.run(_score_all(EngineSystem(bundle, config=EngineConfig(intra_op_threads=1)), reqs))

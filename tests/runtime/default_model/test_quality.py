@@ -3,7 +3,7 @@ runtime (no torch), and the bundle's reproducibility from the shipped checkpoint
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,9 @@ from stepscore.runtime.types import ScoreRequest
 
 
 @pytest.fixture(scope="module")
-def engine() -> SyncEngine:
+def engine() -> Iterator[SyncEngine]:
     eng = SyncEngine(default_bundle())
-    yield eng  # type: ignore[misc]
+    yield eng
     eng.close()
 
 

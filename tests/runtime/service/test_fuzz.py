@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
 from tests.helpers.server import ServerProcess, serve
+
+STUB: Any = pb_grpc.StepScorerStub  # generated code, untyped
 
 SPECIAL = ["<extra_0>", "ки", "<|im_end|>", "<|eot_id|>", "<|im_start|>", "<s>", "</s>", "+", "-", "\n\n", "\x00"]
 texts = st.one_of(
@@ -64,7 +67,7 @@ def server(tiny_bundle: Callable[..., Path]) -> Iterator[ServerProcess]:
 
 def test_fuzzed_requests_get_clear_codes_and_the_server_survives(server: ServerProcess) -> None:
     channel = grpc.insecure_channel(server.target)
-    stub = pb_grpc.StepScorerStub(channel)
+    stub = STUB(channel)
     seen: dict[grpc.StatusCode, int] = {}
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -100,7 +103,7 @@ def test_fuzzed_requests_get_clear_codes_and_the_server_survives(server: ServerP
 
 def test_well_formed_requests_with_odd_text_are_all_scored(server: ServerProcess) -> None:
     channel = grpc.insecure_channel(server.target)
-    stub = pb_grpc.StepScorerStub(channel)
+    stub = STUB(channel)
 
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(request=valid_requests)

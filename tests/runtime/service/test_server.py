@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from stepscore.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unaut
 from stepscore.runtime.client import AsyncClient, Client
 from stepscore.runtime.types import ScoreRequest, TokenIds
 from stepscore.v1 import stepscore_pb2 as pb
+from tests.helpers.bundles import exported_bundle
 from tests.helpers.server import ServerProcess, serve
 
 PROBLEM = "What is (2+3)*4?"
@@ -41,13 +43,9 @@ def bundle(tiny_bundle: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="module")
 def slow_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wider tiny model (hidden 256): heavy requests take seconds, so tests can act while one runs."""
-    from stepscore.export.pipeline import export_model
     from tests.helpers.tiny_models import build
 
-    root = tmp_path_factory.mktemp("slow")
-    model = build("qwen-prm", root / "model", hidden=256)
-    export_model(str(model), root / "bundle", precision="fp32", progress=lambda _: None)
-    return root / "bundle"
+    return exported_bundle("qwen-prm-hidden256", tmp_path_factory.mktemp("slow"), lambda d: build("qwen-prm", d, hidden=256))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +119,7 @@ def test_stream_answers_out_of_order(slow_bundle: Path) -> None:
         ([["word " * 400]], {}, r"candidates\[0\]"),  # over the 512-token context, no truncation
     ],
 )
-def test_invalid_input_names_the_field(server: ServerProcess, candidates: list, extra: dict, field: str) -> None:
+def test_invalid_input_names_the_field(server: ServerProcess, candidates: list[Any], extra: dict[str, Any], field: str) -> None:
     with Client(server.target) as client, pytest.raises(InvalidRequest, match=field) as info:
         client.score(PROBLEM, candidates, **extra)
     assert info.value.field

@@ -1,0 +1,176 @@
+"""The model backend: a narrow interface, and its onnxruntime implementation.
+
+The scheduler only calls `run(batch) -> scores` on a worker thread and `warmup()` at start; everything
+device-specific (execution provider, IO binding, buffer reuse) stays behind this seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from stepscore.errors import ConfigError
+from stepscore.runtime.bundle import INPUTS, OUTPUTS, PLAIN_INPUTS
+from stepscore.runtime.packing import PackedBatch
+
+log = logging.getLogger(__name__)
+
+F32Array = npt.NDArray[np.float32]
+
+
+class Backend(Protocol):
+    """What the scheduler needs from a device."""
+
+    device: str
+    plain_rows: bool  # runs plain-row batches (PackedBatch.seq_lens) through a plain graph
+
+    def run(self, batch: PackedBatch) -> F32Array:
+        """Scores [B, K] float32 for one packed batch. Called from one worker thread at a time."""
+        ...
+
+    def warmup(self) -> None: ...
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError("onnxruntime is not installed: pip install 'stepscore[cpu]' (or 'stepscore[gpu]' for CUDA)") from exc
+    return onnxruntime
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'cpu' -> ('cpu', 0); 'cuda' / 'cuda:1' -> ('cuda', 1)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    if index and not index.isdigit():
+        raise ConfigError(f"device {device!r}: the index after ':' must be a number")
+    return kind, int(index or 0)
+
+
+class OrtBackend:
+    """One onnxruntime session on one device.
+
+    On CUDA the inputs go through IO binding into device buffers that are reused for every batch of
+    the same shape (the scheduler rounds shapes up, so there are few), and the small [B, K] output is
+    bound to host memory.
+
+    With `plain_graph_path`, a second session holds the plain-row graph (stepscore.export.plain) and runs the
+    batches the packer laid out one sequence per row; its weights are the same initializers (memory-mapped
+    from the same external data file when the model has one).
+    """
+
+    def __init__(
+        self,
+        graph_path: Path | None,
+        device: str = "cpu",
+        threads: int | None = None,
+        io_binding: bool | None = None,
+        plain_graph_path: Path | None = None,
+    ) -> None:
+        ort = _import_ort()
+        self._ort = ort
+        kind, index = parse_device(device)
+        self.device = device
+        self._kind = kind
+        self._index = index
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        if kind == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ConfigError(
+                    f"device {device!r} asked for, but this onnxruntime has no CUDA provider "
+                    f"(available: {ort.get_available_providers()}); pip install 'stepscore[gpu]'"
+                )
+            providers: list[Any] = [
+                ("CUDAExecutionProvider", {"device_id": index, "arena_extend_strategy": "kSameAsRequested"}),
+                "CPUExecutionProvider",
+            ]
+        else:
+            providers = ["CPUExecutionProvider"]
+        # graph_path None: the plain-row graph alone (export's validation runs the graphs one at a time,
+        # so that only one copy of the weights is in memory at once)
+        self.session = self._session(graph_path, opts, providers, INPUTS) if graph_path else None
+        if self.session is None and plain_graph_path is None:
+            raise ConfigError("OrtBackend needs a graph")
+        self.plain_session = self._session(plain_graph_path, opts, providers, PLAIN_INPUTS) if plain_graph_path else None
+        self.plain_rows = self.plain_session is not None
+        self._io_binding = (kind == "cuda") if io_binding is None else io_binding
+        self._buffers: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self._lock = threading.Lock()
+
+    def _session(self, path: Path, opts: Any, providers: list[Any], contract: tuple[str, ...]) -> Any:
+        session = self._ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        got = session.get_providers()
+        if self._kind == "cuda" and got[0] != "CUDAExecutionProvider":
+            raise ConfigError(f"onnxruntime could not start CUDA on {self.device!r} (providers: {got})")
+        names = tuple(i.name for i in session.get_inputs())
+        if names != contract:
+            raise ConfigError(f"{path}: graph inputs {names} are not the contract's {contract}")
+        return session
+
+    def run(self, batch: PackedBatch) -> F32Array:
+        feeds: dict[str, npt.NDArray[Any]]
+        if batch.seq_lens is not None and self.plain_session is not None:
+            session = self.plain_session
+            feeds = {PLAIN_INPUTS[0]: batch.input_ids, PLAIN_INPUTS[1]: batch.seq_lens, PLAIN_INPUTS[2]: batch.step_positions}
+        else:  # a plain batch is a valid tree batch too
+            if self.session is None:
+                raise ConfigError("this backend holds only the plain-row graph; the batch is not laid out for it")
+            session = self.session
+            feeds = {
+                INPUTS[0]: batch.input_ids,
+                INPUTS[1]: batch.position_ids,
+                INPUTS[2]: batch.attn_end,
+                INPUTS[3]: batch.step_positions,
+            }
+        with self._lock:  # one run per session at a time; the scheduler already guarantees it
+            if not self._io_binding:
+                out = session.run(list(OUTPUTS), feeds)[0]
+                return np.asarray(out, dtype=np.float32)
+            binding = session.io_binding()
+            for name, array in feeds.items():
+                if self._kind == "cuda":
+                    binding.bind_ortvalue_input(name, self._device_buffer(name, array))
+                else:
+                    binding.bind_cpu_input(name, array)
+            binding.bind_output(OUTPUTS[0], "cpu")
+            session.run_with_iobinding(binding)
+            return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+    def _device_buffer(self, name: str, array: npt.NDArray[Any]) -> Any:
+        key = (name, tuple(array.shape))
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) > 256:  # many distinct shapes: keep memory bounded
+                self._buffers.clear()
+            buf = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self._index)
+            self._buffers[key] = buf
+        else:
+            buf.update_inplace(np.ascontiguousarray(array))
+        return buf
+
+    def warmup(self) -> None:
+        from stepscore.runtime.packing import PackOptions, pack
+        from stepscore.runtime.types import Formatted
+
+        ids = np.arange(1, 17, dtype=np.int32) % 7
+        item = Formatted(ids, np.array([7, 15], np.int32))
+        batches = [pack([item], PackOptions(row_tokens=16))] if self.session is not None else []
+        if self.plain_session is not None:
+            batches.append(pack([item], PackOptions(row_tokens=16, plain_cost=0.0)))
+        for batch in batches:
+            scores = self.run(batch)
+            if scores.shape != batch.step_positions.shape:
+                raise ConfigError(f"warm-up returned shape {scores.shape}, expected {batch.step_positions.shape}")
+        log.debug("warm-up on %s done (pid %d)", self.device, os.getpid())

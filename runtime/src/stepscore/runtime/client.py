@@ -1,0 +1,235 @@
+"""Python client for `stepscore serve`, sync and asyncio.
+
+    from stepscore.runtime.client import Client
+    with Client("127.0.0.1:50051") as client:
+        result = client.score("What is 2+2?", [["2+2=4.", "The answer is 4."]], aggregates=["min"])
+        print(result.candidates[0].step_scores)
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        async for item in client.score_stream(requests):   # answers as they finish, any order
+            print(item.request_id, item.result or item.error)
+
+Errors come back as the same `stepscore.errors` types the engine raises (InvalidRequest, Overloaded,
+DeadlineExceeded, ...), mapped from the gRPC status code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from stepscore.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    StepscoreError,
+    Unauthenticated,
+    Unavailable,
+)
+from stepscore.runtime.service.convert import request_to_proto, result_from_proto
+from stepscore.runtime.types import ScoreRequest, ScoreResult, TokenIds
+from stepscore.v1 import stepscore_pb2 as pb
+from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
+
+_FROM_CODE: dict[grpc.StatusCode, type[StepscoreError]] = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+def error_from_status(code: grpc.StatusCode, message: str, field: str = "") -> StepscoreError:
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        if not field and ": " in message:
+            field = message.split(": ", 1)[0]
+        text = message.split(": ", 1)[1] if field and message.startswith(field + ": ") else message
+        return InvalidRequest(field or "request", text)
+    cls = _FROM_CODE.get(code, StepscoreError)
+    return cls(f"{code.name}: {message}")
+
+
+def _raise(err: grpc.RpcError) -> StepscoreError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    return error_from_status(code, err.details() or "")
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One answer from `score_stream`: a result or the error of that request."""
+
+    request_id: str
+    result: ScoreResult | None = None
+    error: StepscoreError | None = None
+
+
+def _request(
+    problem: str | ScoreRequest, candidates: Sequence[Sequence[str] | TokenIds] | None, options: dict[str, Any]
+) -> ScoreRequest:
+    if isinstance(problem, ScoreRequest):
+        return problem
+    if "aggregates" in options:
+        options["aggregates"] = tuple(options["aggregates"])
+    return ScoreRequest(problem, list(candidates or []), **options)
+
+
+def _channel(
+    api: Any, target: str, tls: bool, root_ca: Path | None, cert: Path | None, key: Path | None, max_bytes: int
+) -> Any:
+    """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given."""
+    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+    if tls or root_ca or cert:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root_ca.read_bytes() if root_ca else None,
+            private_key=key.read_bytes() if key else None,
+            certificate_chain=cert.read_bytes() if cert else None,
+        )
+        return api.secure_channel(target, creds, options=options)
+    return api.insecure_channel(target, options=options)
+
+
+def _stub(channel: Any) -> Any:
+    stub_cls: Any = pb_grpc.StepScorerStub  # generated code, untyped
+    return stub_cls(channel)
+
+
+class _Base:
+    """What both clients share: the channel (plain, TLS or mTLS), the stub, credentials and timeout.
+    `_api` is `grpc` for the blocking client and `grpc.aio` for the asyncio one (same channel arguments)."""
+
+    _api: Any = grpc
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: bool = False,
+        root_ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._timeout = timeout
+        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes)
+        self._stub = _stub(self._channel)
+
+
+class Client(_Base):
+    """Blocking client. `tls=True` (or `root_ca=...`) for TLS; `cert`/`key` for mTLS."""
+
+    def score(
+        self,
+        problem: str | ScoreRequest,
+        candidates: Sequence[Sequence[str] | TokenIds] | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> ScoreResult:
+        request = _request(problem, candidates, options)
+        try:
+            reply = self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _raise(err) from None
+        return result_from_proto(reply)
+
+    def info(self) -> dict[str, Any]:
+        try:
+            reply = self._stub.Info(pb.InfoRequest(), timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _raise(err) from None
+        out = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
+        out["devices"], out["aggregates"] = list(reply.devices), list(reply.aggregates)
+        out["manifest"] = json.loads(out.pop("manifest_json") or "{}")
+        return out
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server's health check says SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(f"server not ready after {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client; `score_stream` is an async iterator over answers in completion order."""
+
+    _api = grpc.aio
+
+    async def score(
+        self,
+        problem: str | ScoreRequest,
+        candidates: Sequence[Sequence[str] | TokenIds] | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> ScoreResult:
+        request = _request(problem, candidates, options)
+        try:
+            reply = await self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _raise(err) from None
+        return result_from_proto(reply)
+
+    async def score_stream(self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> AsyncIterator[StreamItem]:
+        """Send requests on one stream; yield each answer as soon as the server sends it."""
+
+        async def produce() -> AsyncIterator[Any]:
+            if isinstance(requests, Sequence):
+                for r in requests:
+                    yield request_to_proto(r)
+            else:
+                async for r in requests:
+                    yield request_to_proto(r)
+
+        call = self._stub.ScoreStream(produce(), timeout=self._timeout, metadata=self._metadata)
+        try:
+            async for msg in call:
+                if msg.WhichOneof("result") == "response":
+                    yield StreamItem(msg.request_id, result=result_from_proto(msg.response))
+                else:
+                    code = next((c for c in grpc.StatusCode if c.value[0] == msg.error.code), grpc.StatusCode.UNKNOWN)
+                    yield StreamItem(msg.request_id, error=error_from_status(code, msg.error.message, msg.error.field))
+        except grpc.RpcError as err:
+            raise _raise(err) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+__all__ = ["AsyncClient", "Client", "StreamItem"]

@@ -1,0 +1,298 @@
+"""The engine: a bundle, its formatter, one backend per device and the scheduler behind one `score()`.
+
+    engine = Engine.from_bundle("bundle/", device="cpu")
+    async with engine:
+        result = await engine.score(ScoreRequest(problem, [[step, ...], ...], aggregates=("min",)))
+
+`SyncEngine` wraps it for scripts and notebooks. Every accepted request gets exactly one outcome: a
+result, or one of the errors in `stepscore.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stepscore.errors import ConfigError, DeadlineExceeded, InvalidRequest, Unavailable
+from stepscore.runtime.aggregates import aggregate
+from stepscore.runtime.backend import Backend, OrtBackend
+from stepscore.runtime.bundle import Bundle, load_bundle
+from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.formatting import Formatter
+from stepscore.runtime.packing import PackedBatch
+from stepscore.runtime.scheduler import Scheduler, SchedulerStats
+from stepscore.runtime.types import AGGREGATES, CandidateScore, Formatted, ScoreRequest, ScoreResult, Timing, TokenIds
+from stepscore.version import __version__
+
+
+def validate_request(request: ScoreRequest) -> None:
+    """Structural checks done before any work; each error names the field."""
+    if not isinstance(request.problem, str):
+        raise InvalidRequest("problem", "must be a string")
+    if not request.candidates:
+        raise InvalidRequest("candidates", "at least one candidate is required")
+    for i, cand in enumerate(request.candidates):
+        if isinstance(cand, TokenIds):
+            continue
+        if isinstance(cand, str) or not isinstance(cand, Sequence):
+            raise InvalidRequest(f"candidates[{i}]", "must be a list of step strings")
+        if not cand:
+            raise InvalidRequest(f"candidates[{i}]", "has no steps")
+        for j, step in enumerate(cand):
+            if not isinstance(step, str):
+                raise InvalidRequest(f"candidates[{i}].steps[{j}]", "must be a string")
+            if not step.strip():
+                raise InvalidRequest(f"candidates[{i}].steps[{j}]", "is empty")
+    for j, step in enumerate(request.prefix_steps):
+        if not isinstance(step, str) or not step.strip():
+            raise InvalidRequest(f"prefix_steps[{j}]", "is empty" if isinstance(step, str) else "must be a string")
+    if request.prefix_steps and any(isinstance(c, TokenIds) for c in request.candidates):
+        raise InvalidRequest("prefix_steps", "applies to step-text candidates only, not to token ids")
+    unknown = [a for a in request.aggregates if a not in AGGREGATES]
+    if unknown:
+        raise InvalidRequest("aggregates", f"unknown {unknown}; known: {', '.join(AGGREGATES)}")
+    t = request.soft_min_temperature
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise InvalidRequest("soft_min_temperature", "must be a positive number")
+
+
+def _device_list(device: str, devices: Iterable[int | str] | None) -> list[str]:
+    if devices is None:
+        return [device]
+    out = [f"cuda:{d}" if isinstance(d, int) else str(d) for d in devices]
+    if not out:
+        raise InvalidRequest("devices", "empty device list")
+    return out
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    family: str
+    preset: str
+    precision: str
+    max_seq_len: int
+    max_batch_tokens: int
+    devices: tuple[str, ...]
+    stepscore_version: str
+    onnxruntime_version: str
+    manifest: dict[str, Any]
+
+
+def build_result(
+    items: Sequence[Formatted], scores: Sequence[npt.NDArray[np.float32]], request: ScoreRequest, timing: Timing
+) -> ScoreResult:
+    """The answer to `request` from its candidates' step scores: the aggregates asked for, token counts.
+    (The benchmark's baselines answer through it too, so every system's result means the same.)"""
+    candidates = []
+    for item, values in zip(items, scores, strict=True):
+        aggs = aggregate(values, request.aggregates, request.soft_min_temperature) if request.aggregates else {}
+        candidates.append(
+            CandidateScore(
+                step_scores=[float(x) for x in values] if request.return_step_scores else [],
+                aggregates=aggs,
+                num_tokens=item.num_tokens,
+                num_truncated_steps=item.num_truncated_steps,
+            )
+        )
+    return ScoreResult(candidates=candidates, timing=timing, request_id=request.request_id)
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, backends: Sequence[Backend], config: EngineConfig) -> None:
+        self.bundle = bundle
+        self.config = config.checked(bundle.manifest)
+        m = bundle.manifest
+        self.formatter = Formatter(m.format, bundle.tokenizer_path, m.model.vocab_size, self.config.max_seq_len)
+        self.backends = list(backends)
+        self._scheduler = Scheduler(self.backends, self.config)
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            self.config.tokenizer_threads, thread_name_prefix="stepscore-tokenize"
+        )
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | os.PathLike[str],
+        device: str = "cpu",
+        config: EngineConfig | None = None,
+        devices: Iterable[int | str] | None = None,
+    ) -> Engine:
+        """Load a bundle (hashes checked), start one session per device and warm each up."""
+        config = config or EngineConfig()
+        bundle = load_bundle(path, verify=config.verify_bundle)
+        config.checked(bundle.manifest)  # fail on bad settings before loading any session
+        plain = bundle.plain_graph_path if config.plain_rows != "never" else None
+        if config.plain_rows == "always" and plain is None:
+            raise ConfigError(f"plain_rows='always' but {bundle.path} has no plain-row graph; re-export it with this version")
+        backends: list[Backend] = []
+        for dev in _device_list(device, devices):
+            threads = config.intra_op_threads or None
+            backend = OrtBackend(bundle.graph_path, dev, threads=threads, io_binding=config.io_binding, plain_graph_path=plain)
+            backend.warmup()
+            backends.append(backend)
+        return cls(bundle, backends, config)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> Engine:
+        if not self._started:
+            await self._scheduler.start()
+            self._started = True
+        return self
+
+    async def close(self, drain_timeout: float | None = 30.0) -> None:
+        """Stop accepting requests, finish queued ones (up to `drain_timeout`), release resources."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            await self._scheduler.stop(drain_timeout)
+        self._tokenize_pool.shutdown(wait=False)
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Score every candidate of a request. One result or one error per call."""
+        if not self._started or self._closed:
+            raise Unavailable("the engine is not running" if not self._closed else "the engine is shutting down")
+        started = time.perf_counter()
+        validate_request(request)
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            raise DeadlineExceeded("the deadline passed before the request was queued")
+        scheduler = self._scheduler
+        scheduler.reserve_request()  # before tokenization: overload is answered at once
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            items = await loop.run_in_executor(self._tokenize_pool, self.formatter.format_request, request)
+            tokenize_ms = (time.perf_counter() - t0) * 1000.0
+            entry = scheduler.submit(items, request.deadline)
+        except BaseException:
+            scheduler.release_request()
+            raise
+        if request.deadline is None:
+            per_item = await entry.future
+        else:
+            try:
+                per_item = await asyncio.wait_for(entry.future, max(0.0, request.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("the deadline passed before the scores were computed") from None
+        queued_at = entry.first_batch_at or entry.enqueued_at
+        timing = Timing(
+            queue_ms=(queued_at - entry.enqueued_at) * 1000.0,
+            tokenize_ms=tokenize_ms,
+            compute_ms=entry.compute_s * 1000.0,
+            total_ms=(time.perf_counter() - started) * 1000.0,
+        )
+        return build_result(items, per_item, request, timing)
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (Unavailable); queued ones still run."""
+        self._scheduler.begin_drain()
+
+    def on_batch(self, observer: Callable[[PackedBatch, float], None]) -> None:
+        """Call `observer(batch, seconds)` after every engine run (metrics)."""
+        self._scheduler.on_batch.append(observer)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self._scheduler.stats
+
+    @property
+    def queue_depth(self) -> int:
+        return self._scheduler.queue_depth
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._scheduler.queued_tokens
+
+    def info(self) -> EngineInfo:
+        import onnxruntime
+
+        m = self.bundle.manifest
+        return EngineInfo(
+            model=str(m.source.get("model", self.bundle.path)),
+            family=m.family,
+            preset=m.preset,
+            precision=m.graph.precision,
+            max_seq_len=self.config.max_seq_len,
+            max_batch_tokens=self.config.max_batch_tokens,
+            devices=tuple(b.device for b in self.backends),
+            stepscore_version=__version__,
+            onnxruntime_version=onnxruntime.__version__,
+            manifest=m.to_json(),
+        )
+
+
+class SyncEngine:
+    """A blocking facade for scripts and notebooks: the engine runs on its own event-loop thread."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        device: str = "cpu",
+        config: EngineConfig | None = None,
+        devices: Iterable[int | str] | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stepscore-engine", daemon=True)
+        self._thread.start()
+        engine = Engine.from_bundle(path, device, config, devices)
+        self.engine: Engine = self._call(engine.start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def score(
+        self,
+        problem: str | ScoreRequest,
+        candidates: Sequence[Sequence[str] | TokenIds] | None = None,
+        **options: Any,
+    ) -> ScoreResult:
+        """`score(request)` or `score(problem, candidates, aggregates=("min",), ...)`."""
+        request = problem if isinstance(problem, ScoreRequest) else ScoreRequest(problem, candidates or [], **options)
+        result: ScoreResult = self._call(self.engine.score(request))
+        return result
+
+    def score_many(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult | BaseException]:
+        """Submit all at once (they batch together); errors are returned in place, not raised."""
+
+        async def run() -> list[ScoreResult | BaseException]:
+            return list(await asyncio.gather(*(self.engine.score(r) for r in requests), return_exceptions=True))
+
+        results: list[ScoreResult | BaseException] = self._call(run())
+        return results
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self.engine.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> SyncEngine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

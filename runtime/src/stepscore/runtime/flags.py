@@ -1,0 +1,167 @@
+"""Flags shared by the subcommands: the engine's (score, serve, bench), and the helpers every subcommand
+uses so that each flag can also come from an environment variable STEPSCORE_<FLAG> (dashes as
+underscores), named in its --help. A container can then be configured without a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stepscore.errors import ConfigError
+from stepscore.runtime.config import PLAIN_ROWS, EngineConfig, PlainRows
+
+T = TypeVar("T")
+
+
+def env_name(flag: str) -> str:
+    """--max-batch-tokens -> STEPSCORE_MAX_BATCH_TOKENS."""
+    return "STEPSCORE_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def env_default(flag: str, default: T, cast: Callable[[str], T]) -> T:
+    """The value of STEPSCORE_<FLAG> if set (cast), else `default`."""
+    name = env_name(flag)
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {name}={raw!r} is not valid ({exc})") from exc
+
+
+def env_flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def add_flag(
+    group: Any,
+    flag: str,
+    default: T,
+    cast: Callable[[str], T],
+    help: str,
+    *,
+    choices: Sequence[T] | None = None,
+    metavar: str | None = None,
+    shown: str | None = None,
+) -> None:
+    """One option whose default may come from the environment; --help names the variable and the default
+    (`shown` replaces the default's text where the value alone would mislead, e.g. "the device's")."""
+    default_text = shown if shown is not None else ("" if default in (None, "") else str(default))
+    note = f"env {env_name(flag)}" + (f"; default {default_text}" if default_text else "")
+    group.add_argument(
+        flag,
+        type=cast,
+        default=env_default(flag, default, cast),
+        choices=choices,
+        metavar=metavar,
+        help=f"{help} [{note}]".replace("%", "%%"),
+    )
+
+
+def add_switch(group: Any, flag: str, help: str) -> None:
+    """An on/off option, off unless given (or STEPSCORE_<FLAG>=1)."""
+    group.add_argument(
+        flag,
+        action="store_true",
+        default=env_default(flag, False, env_flag),
+        help=f"{help} [env {env_name(flag)}=1]".replace("%", "%%"),
+    )
+
+
+def plain_rows(raw: str) -> PlainRows:
+    for choice in PLAIN_ROWS:
+        if raw == choice:
+            return choice
+    raise ValueError(f"expected one of {', '.join(PLAIN_ROWS)}")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = p.add_argument_group("engine")
+    add_flag(g, "--device", "cpu", str, "cpu, cuda or cuda:N")
+    add_flag(g, "--devices", "", str, "several GPUs behind one queue, e.g. 0,1 (overrides --device)")
+    add_flag(g, "--max-batch-tokens", d.max_batch_tokens, int, "tokens per engine run, padding included")
+    add_flag(g, "--max-wait-ms", d.max_wait_ms, float, "longest an idle device waits for a batch to fill")
+    add_flag(g, "--row-tokens", d.row_tokens, int, "packed row length")
+    add_flag(
+        g, "--max-queued-requests", d.max_queued_requests, int, "requests admitted at once; more are refused as overloaded"
+    )
+    add_flag(g, "--max-queued-tokens", d.max_queued_tokens, int, "tokens admitted at once")
+    add_flag(g, "--max-seq-len", 0, int, "refuse candidates longer than this", shown="the bundle's limit")
+    add_flag(g, "--threads", 0, int, "onnxruntime threads per session", shown="onnxruntime's choice")
+    add_switch(g, "--no-prefix-sharing", "compute shared prefixes once per candidate instead of once per batch")
+    add_switch(g, "--no-packing", "one padded row per candidate instead of packed rows")
+    add_flag(
+        g,
+        "--plain-rows",
+        d.plain_rows,
+        plain_rows,
+        "rows without a shared prefix through the bundle's plain-row graph (no attention bias, flash attention on "
+        "CUDA): when the cost model prefers it, for every batch, or never",
+        choices=PLAIN_ROWS,
+    )
+    add_flag(
+        g,
+        "--plain-cost",
+        d.plain_cost,
+        float,
+        "a plain-row token's cost relative to a tree-row token, for --plain-rows auto",
+        shown="0.9 on CPU, 0.75 on CUDA",
+    )
+    add_flag(
+        g,
+        "--run-overhead-tokens",
+        d.run_overhead_tokens,
+        float,
+        "a run's fixed cost in tokens: batches of mixed lengths run one length class at a time when that is "
+        "cheaper (0: always one run per batch)",
+        shown="16 on CPU, off on CUDA",
+    )
+    add_switch(g, "--no-verify", "skip the sha256 check of the bundle's files at load (sizes are still checked)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        row_tokens=args.row_tokens,
+        max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens,
+        max_seq_len=args.max_seq_len,
+        intra_op_threads=args.threads,
+        share_prefixes=not args.no_prefix_sharing,
+        pack_rows=not args.no_packing,
+        plain_rows=args.plain_rows,
+        plain_cost=args.plain_cost,
+        run_overhead_tokens=args.run_overhead_tokens,
+        verify_bundle=not args.no_verify,
+    )
+
+
+def engine_devices(args: argparse.Namespace) -> list[int | str] | None:
+    if not args.devices:
+        return None
+    out: list[int | str] = []
+    for part in str(args.devices).split(","):
+        part = part.strip()
+        out.append(int(part) if part.isdigit() else part)
+    return out
+
+
+def bundle_path(path: str | None) -> Path:
+    """The given bundle, or the embedded default model's bundle."""
+    if path:
+        return Path(path)
+    from stepscore.runtime.default_model import default_bundle
+
+    return default_bundle()

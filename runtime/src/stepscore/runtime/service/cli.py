@@ -1,0 +1,92 @@
+"""`stepscore serve [BUNDLE]`: every flag also reads STEPSCORE_<FLAG> from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from stepscore.runtime.flags import (
+    add_engine_args,
+    add_flag,
+    add_switch,
+    bundle_path,
+    engine_config,
+    engine_devices,
+    env_default,
+)
+from stepscore.runtime.service.config import ServerConfig
+
+
+def _path(raw: str) -> Path | None:
+    return Path(raw) if raw else None
+
+
+def add_parser(sub: Any) -> None:
+    d = ServerConfig()
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="serve a bundle over gRPC (default: the embedded model)",
+        description="Serve step scores over gRPC (stepscore.v1.StepScorer), with grpc.health.v1 health, optional "
+        "reflection, bearer-token auth, TLS/mTLS and Prometheus metrics. SIGTERM drains gracefully. "
+        "Every flag can be given as an environment variable STEPSCORE_<FLAG>, e.g. STEPSCORE_PORT=50051.",
+    )
+    p.add_argument(
+        "bundle",
+        nargs="?",
+        default=env_default("bundle", None, str),
+        help="bundle directory (default: the embedded default model)",
+    )
+    g = p.add_argument_group("server")
+    add_flag(g, "--host", d.host, str, "bind address")
+    add_flag(g, "--port", d.port, int, "0 picks a free port")
+    add_flag(g, "--max-receive-message-bytes", d.max_receive_message_bytes, int, "largest request accepted")
+    add_flag(g, "--max-send-message-bytes", d.max_send_message_bytes, int, "largest response sent")
+    add_flag(g, "--tls-cert", "", str, "PEM certificate (enables TLS)")
+    add_flag(g, "--tls-key", "", str, "PEM private key")
+    add_flag(g, "--client-ca", "", str, "PEM CA: clients must present a certificate it signed (mTLS)")
+    add_flag(g, "--token", "", str, "require 'authorization: Bearer TOKEN' on every call but health (prefer the env variable)")
+    add_flag(g, "--metrics-port", 0, int, "serve Prometheus metrics on this port", shown="off")
+    add_switch(g, "--reflection", "enable gRPC server reflection (for grpcurl)")
+    add_flag(g, "--grace-seconds", d.grace_seconds, float, "how long in-flight calls may take to finish on SIGTERM")
+    add_flag(g, "--log-level", "warning", str, "logging level", choices=("debug", "info", "warning", "error"))
+    add_engine_args(p)
+    p.set_defaults(run=run_serve)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_receive_message_bytes=args.max_receive_message_bytes,
+        max_send_message_bytes=args.max_send_message_bytes,
+        tls_cert=_path(args.tls_cert),
+        tls_key=_path(args.tls_key),
+        client_ca=_path(args.client_ca),
+        token=args.token or None,
+        metrics_port=args.metrics_port,
+        reflection=args.reflection,
+        grace_seconds=args.grace_seconds,
+    ).check()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from stepscore.runtime.engine import Engine
+    from stepscore.runtime.service.server import Server
+
+    config = server_config(args)  # refuse bad settings before loading anything
+
+    async def main() -> None:
+        engine = Engine.from_bundle(bundle_path(args.bundle), args.device, engine_config(args), engine_devices(args))
+        server = Server(engine, config)
+
+        def ready(s: Server) -> None:
+            print(f"stepscore serve: ready on {config.host}:{s.port}", flush=True)
+
+        await server.run_until_signalled(ready)
+
+    asyncio.run(main())
+    print("stepscore serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,117 @@
+"""Run the service: gRPC server + health + (opt-in) reflection + auth + TLS + metrics, and a graceful
+shutdown on SIGTERM / SIGINT:
+
+1. health goes NOT_SERVING and the engine refuses new requests (UNAVAILABLE);
+2. queued and in-flight requests finish, for up to the grace period;
+3. the server stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stepscore.errors import ConfigError
+from stepscore.runtime.engine import Engine
+from stepscore.runtime.service.auth import BearerTokenInterceptor
+from stepscore.runtime.service.config import ServerConfig
+from stepscore.runtime.service.metrics import Metrics
+from stepscore.runtime.service.servicer import StepScorerServicer, register
+from stepscore.v1 import stepscore_pb2 as pb
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StepScorer"].full_name
+
+
+class Server:
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config.check()
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        # gRPC itself refuses messages over twice the limit (RESOURCE_EXHAUSTED, before any parsing);
+        # between the limit and that, the servicer answers INVALID_ARGUMENT naming the request.
+        options = [
+            ("grpc.max_receive_message_length", 2 * config.max_receive_message_bytes),
+            ("grpc.max_send_message_length", config.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        register(StepScorerServicer(engine, config, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if config.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server,
+            )
+        self.port = self._bind()
+        self._stopping: asyncio.Event | None = None
+
+    def _bind(self) -> int:
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls_cert and cfg.tls_key:
+                creds = grpc.ssl_server_credentials(
+                    [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                    root_certificates=cfg.client_ca.read_bytes() if cfg.client_ca else None,
+                    require_client_auth=cfg.client_ca is not None,
+                )
+                port = self.server.add_secure_port(address, creds)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: the port is taken or the address is not local") from exc
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address}: the port is taken or the address is not local")
+        return int(port)
+
+    async def start(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        await self.engine.start()  # sessions were warmed up when the engine was built
+        self.metrics.bind(lambda: self.engine.queue_depth, lambda: self.engine.queued_tokens)
+        self.engine.on_batch(self.metrics.observe_batch)
+        if self.config.metrics_port:
+            try:
+                self.metrics.serve(self.config.host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on port {self.config.metrics_port}: {exc.strerror}") from exc
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def shutdown(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, let in-flight work finish within the grace period."""
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.engine.begin_drain()
+        deadline = time.monotonic() + self.config.grace_seconds
+        while self.engine.queue_depth and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # a moment for the last responses to be written before the transport closes
+        await self.server.stop(grace=min(2.0, max(0.0, deadline - time.monotonic())))
+        await self.engine.close(drain_timeout=0)
+
+    async def run_until_signalled(self, ready: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        scheme = "grpcs" if self.config.tls_cert else "grpc"
+        log.warning("serving %s on %s://%s:%d", self.engine.bundle.path, scheme, self.config.host, self.port)
+        if ready is not None:
+            ready(self)
+        await stop.wait()
+        log.warning("shutting down: draining for up to %.0fs", self.config.grace_seconds)
+        await self.shutdown()
