@@ -1,11 +1,14 @@
 """One error hierarchy for the whole project.
 
-Every failure a user can cause or meet is one of these types. The gRPC service maps them to status
-codes in exactly one place (`stepscore.runtime.service.status`); the CLIs print `str(error)` as one
-line. Messages say what was wrong and what to do instead.
+Every failure a user can cause or meet is one of these types. The gRPC service and both Python clients map
+them to and from status codes through one table (`stepscore.runtime.service.status`); the CLIs print
+`str(error)` as one line. Messages say what was wrong and what to do instead.
 """
 
 from __future__ import annotations
+
+import logging
+import uuid
 
 
 class StepscoreError(Exception):
@@ -53,6 +56,23 @@ class Unauthenticated(StepscoreError):
 
 
 # --- server-side errors ------------------------------------------------------------------------
+
+
+class InternalError(StepscoreError):
+    """A failure inside the server that the caller cannot fix (a bug, a failed model run). The caller gets
+    only `error_id`; the server log has the details under the same id."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"internal error (error id {error_id}; the server log has the details)")
+        self.error_id = error_id
+
+
+def report_internal(logger: logging.Logger, exc: BaseException, what: str) -> InternalError:
+    """Log an unexpected exception with its traceback under a fresh error id; return what the caller may see.
+    Nothing of the exception's text or type reaches the caller."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("%s (error id %s)", what, error_id, exc_info=exc)
+    return InternalError(error_id)
 
 
 class ModelOutputError(StepscoreError):

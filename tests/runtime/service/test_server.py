@@ -22,6 +22,7 @@ from stepscore.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unaut
 from stepscore.runtime.client import AsyncClient, Client
 from stepscore.runtime.types import ScoreRequest, TokenIds
 from stepscore.v1 import stepscore_pb2 as pb
+from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
 from tests.helpers.bundles import exported_bundle
 from tests.helpers.server import ServerProcess, serve
 
@@ -113,16 +114,31 @@ def test_stream_answers_out_of_order(slow_bundle: Path) -> None:
     ("candidates", "extra", "field"),
     [
         ([], {}, "candidates"),
-        ([["fine", ""]], {}, r"candidates\[0\].steps\[1\]"),
+        ([["fine", ""]], {}, "candidates[0].steps[1]"),
         ([GOOD], {"aggregates": ["median"]}, "aggregates"),
-        ([TokenIds([1, 2, 10**9], [2])], {}, r"candidates\[0\].ids\[2\]"),
-        ([["word " * 400]], {}, r"candidates\[0\]"),  # over the 512-token context, no truncation
+        ([TokenIds([1, 2, 10**9], [2])], {}, "candidates[0].ids[2]"),
+        ([["word " * 400]], {}, "candidates[0]"),  # over the 512-token context, no truncation
     ],
 )
 def test_invalid_input_names_the_field(server: ServerProcess, candidates: list[Any], extra: dict[str, Any], field: str) -> None:
-    with Client(server.target) as client, pytest.raises(InvalidRequest, match=field) as info:
+    with Client(server.target) as client, pytest.raises(InvalidRequest) as info:
         client.score(PROBLEM, candidates, **extra)
-    assert info.value.field
+    # the unary error carries the field as the stream's errors do (trailing metadata `stepscore-field`)
+    assert info.value.field == field
+    assert not info.value.message.startswith(field + ":")
+
+
+def test_unary_error_trailer_names_the_field_for_any_client(server: ServerProcess) -> None:
+    """Clients in other languages read the field from the trailing metadata, not from the message text."""
+    channel = grpc.insecure_channel(server.target)
+    stub: Any = pb_grpc.StepScorerStub  # generated code, untyped
+    request = pb.ScoreRequest(problem=PROBLEM, candidates=[pb.Candidate(steps=pb.Steps(steps=["fine", ""]))])
+    with pytest.raises(grpc.RpcError) as info:
+        stub(channel).Score(request, timeout=30)
+    channel.close()
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.trailing_metadata())["stepscore-field"] == "candidates[0].steps[1]"
 
 
 def test_left_truncation_over_grpc(server: ServerProcess) -> None:

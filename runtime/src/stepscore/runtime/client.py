@@ -9,8 +9,9 @@
         async for item in client.score_stream(requests):   # answers as they finish, any order
             print(item.request_id, item.result or item.error)
 
-Errors come back as the same `stepscore.errors` types the engine raises (InvalidRequest, Overloaded,
-DeadlineExceeded, ...), mapped from the gRPC status code.
+Errors come back as the same `stepscore.errors` types the engine raises (InvalidRequest with its `field`,
+Overloaded, DeadlineExceeded, InternalError with its `error_id`, ...), through the one status table
+(`stepscore.runtime.service.status`).
 """
 
 from __future__ import annotations
@@ -25,42 +26,12 @@ from typing import Any
 
 import grpc
 
-from stepscore.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InvalidRequest,
-    Overloaded,
-    StepscoreError,
-    Unauthenticated,
-    Unavailable,
-)
+from stepscore.errors import StepscoreError, Unavailable
 from stepscore.runtime.service.convert import request_to_proto, result_from_proto
+from stepscore.runtime.service.status import code_from_number, from_rpc_error, from_status
 from stepscore.runtime.types import ScoreRequest, ScoreResult, TokenIds
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
-
-_FROM_CODE: dict[grpc.StatusCode, type[StepscoreError]] = {
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-}
-
-
-def error_from_status(code: grpc.StatusCode, message: str, field: str = "") -> StepscoreError:
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        if not field and ": " in message:
-            field = message.split(": ", 1)[0]
-        text = message.split(": ", 1)[1] if field and message.startswith(field + ": ") else message
-        return InvalidRequest(field or "request", text)
-    cls = _FROM_CODE.get(code, StepscoreError)
-    return cls(f"{code.name}: {message}")
-
-
-def _raise(err: grpc.RpcError) -> StepscoreError:
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    return error_from_status(code, err.details() or "")
 
 
 @dataclass(frozen=True)
@@ -139,14 +110,14 @@ class Client(_Base):
         try:
             reply = self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise _raise(err) from None
+            raise from_rpc_error(err) from None
         return result_from_proto(reply)
 
     def info(self) -> dict[str, Any]:
         try:
             reply = self._stub.Info(pb.InfoRequest(), timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise _raise(err) from None
+            raise from_rpc_error(err) from None
         out = {f.name: getattr(reply, f.name) for f in reply.DESCRIPTOR.fields}
         out["devices"], out["aggregates"] = list(reply.devices), list(reply.aggregates)
         out["manifest"] = json.loads(out.pop("manifest_json") or "{}")
@@ -195,7 +166,7 @@ class AsyncClient(_Base):
         try:
             reply = await self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise _raise(err) from None
+            raise from_rpc_error(err) from None
         return result_from_proto(reply)
 
     async def score_stream(self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> AsyncIterator[StreamItem]:
@@ -215,10 +186,11 @@ class AsyncClient(_Base):
                 if msg.WhichOneof("result") == "response":
                     yield StreamItem(msg.request_id, result=result_from_proto(msg.response))
                 else:
-                    code = next((c for c in grpc.StatusCode if c.value[0] == msg.error.code), grpc.StatusCode.UNKNOWN)
-                    yield StreamItem(msg.request_id, error=error_from_status(code, msg.error.message, msg.error.field))
+                    code = code_from_number(msg.error.code)
+                    error = from_status(code, msg.error.message, msg.error.field, msg.error.error_id)
+                    yield StreamItem(msg.request_id, error=error)
         except grpc.RpcError as err:
-            raise _raise(err) from None
+            raise from_rpc_error(err) from None
         finally:
             call.cancel()
 

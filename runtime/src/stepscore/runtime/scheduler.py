@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from stepscore.errors import DeadlineExceeded, ModelOutputError, Overloaded, StepscoreError, Unavailable
+from stepscore.errors import DeadlineExceeded, ModelOutputError, Overloaded, Unavailable, report_internal
 from stepscore.runtime.backend import Backend
 from stepscore.runtime.config import EngineConfig, default_plain_cost, default_run_overhead
 from stepscore.runtime.packing import PackedBatch, PackOptions, SharedTokenCounter, pack
@@ -322,11 +322,11 @@ class Scheduler:
             items = [entry.items[index] for entry, index in members]
             try:
                 batch = await loop.run_in_executor(self._prep_pool, pack, items, self._pack, self._config.max_batch_tokens)
-            except Exception as exc:
-                log.exception("packing failed")
+            except Exception as exc:  # noqa: BLE001 - logged with an error id; every caller gets that id
+                error = report_internal(log, exc, "packing failed")
                 for entry, _ in members:
                     if not entry.future.done():
-                        entry.future.set_exception(StepscoreError(f"internal error while batching: {exc}"))
+                        entry.future.set_exception(error)
                 self._slots.release()
                 continue
             if batch.leftover:
@@ -351,11 +351,11 @@ class Scheduler:
             started = time.perf_counter()
             try:
                 scores = await loop.run_in_executor(pool, backend.run, batch)
-            except Exception as exc:
-                log.exception("engine run failed on %s (batch %s)", backend.device, batch.shape)
+            except Exception as exc:  # noqa: BLE001 - logged with an error id; every caller gets that id
+                error = report_internal(log, exc, f"engine run failed on {backend.device} (batch {batch.shape})")
                 for entry, _ in prepared.members:
                     if not entry.future.done():
-                        entry.future.set_exception(StepscoreError(f"the model run failed: {type(exc).__name__}"))
+                        entry.future.set_exception(error)
                 continue
             finally:
                 self._running -= 1

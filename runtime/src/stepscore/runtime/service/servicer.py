@@ -116,9 +116,9 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             self._observe("Score", self._gone(deadline), started, None)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
-            code, message, _field = to_status(exc)
-            self._observe("Score", code, started, None)
-            await context.abort(code, message)
+            status = to_status(exc)
+            self._observe("Score", status.code, started, None)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata())
         self._observe("Score", grpc.StatusCode.OK, started, result)
         return result_to_proto(result)
 
@@ -149,9 +149,11 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
                 self._observe("ScoreStream", self._gone(stream_deadline), started, None)
                 raise
             except Exception as exc:  # noqa: BLE001 - reported in the stream; the stream goes on
-                code, message, field = to_status(exc)
-                self._observe("ScoreStream", code, started, None)
-                error = pb.Error(code=code.value[0], message=message, field=field)
+                status = to_status(exc)
+                self._observe("ScoreStream", status.code, started, None)
+                error = pb.Error(
+                    code=status.code.value[0], message=status.message, field=status.field, error_id=status.error_id
+                )
                 await answers.put(pb.ScoreStreamResponse(request_id=request_id, error=error))
 
         async def read() -> None:
