@@ -43,20 +43,24 @@ def _requests(seed: int, n: int, shared: bool = True) -> list[ScoreRequest]:
 class Recording:
     """A backend wrapper that records every batch and can slow down or poison runs."""
 
-    def __init__(self, inner: OrtBackend, delay: float = 0.0, nan_token: int | None = None) -> None:
+    def __init__(self, inner: OrtBackend, gated: bool = False, nan_token: int | None = None) -> None:
         self.inner = inner
         self.device = inner.device
         self.plain_rows = inner.plain_rows
-        self.delay = delay
         self.nan_token = nan_token
         self.batches: list[PackedBatch] = []
         self.lock = threading.Lock()
+        # gated: a run waits for `proceed` once it has said so through `entered` (the test holds the device)
+        self.gated = gated
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
 
     def run(self, batch: PackedBatch) -> Any:
         with self.lock:
             self.batches.append(batch)
-        if self.delay:
-            time.sleep(self.delay)
+        if self.gated:
+            self.entered.set()
+            self.proceed.wait(timeout=60)
         out = self.inner.run(batch)
         if self.nan_token is not None:
             poisoned = (batch.input_ids == self.nan_token).any(axis=1)
@@ -158,26 +162,50 @@ def _marked(token: int, n: int = 20) -> ScoreRequest:
     return ScoreRequest("", [TokenIds([token] * n, [n - 1])], request_id=f"marker-{token}")
 
 
+def _queued_events(engine: Engine) -> list[asyncio.Event]:
+    """One event per request the engine queues from now on, set when it reaches the scheduler."""
+    events: list[asyncio.Event] = []
+    scheduler = engine._scheduler
+    real = scheduler.submit
+
+    def submit(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        event = asyncio.Event()
+        event.set()
+        events.append(event)
+        return out
+
+    scheduler.submit = submit  # type: ignore[method-assign]
+    return events
+
+
+async def _until_entered(backend: Recording) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, backend.entered.wait, 60)
+
+
 def test_cancelled_and_expired_requests_are_dropped_before_compute(tiny_bundle: Callable[..., Path]) -> None:
     bundle = tiny_bundle("trl")
 
     async def run() -> None:
-        engine, backend = _engine(bundle, EngineConfig(max_wait_ms=0), delay=0.3)
+        engine, backend = _engine(bundle, EngineConfig(max_wait_ms=0), gated=True)
         async with engine:
-            busy = asyncio.create_task(engine.score(_marked(11)))  # occupies the device
-            await asyncio.sleep(0.05)
+            queued = _queued_events(engine)
+            busy = asyncio.create_task(engine.score(_marked(11)))
+            await _until_entered(backend)  # the device is held by `busy`: nothing else can run
             doomed = asyncio.create_task(engine.score(_marked(12)))
             expiring = asyncio.create_task(
                 engine.score(ScoreRequest("", [TokenIds([13] * 20, [19])], deadline=time.monotonic() + 0.05))
             )
             kept = asyncio.create_task(engine.score(_marked(14)))
-            await asyncio.sleep(0.05)
+            while len(queued) < 4:  # each reached the queue (tokenization runs on a worker thread)
+                await asyncio.sleep(0)
             doomed.cancel()
-            await busy
             with pytest.raises(asyncio.CancelledError):
                 await doomed
             with pytest.raises(DeadlineExceeded):
-                await expiring
+                await expiring  # its deadline passes while the device is held
+            backend.proceed.set()
+            await busy
             await kept
             assert engine.queue_depth == 0 and engine.queued_tokens == 0
         assert backend.saw(11) and backend.saw(14)
@@ -187,11 +215,11 @@ def test_cancelled_and_expired_requests_are_dropped_before_compute(tiny_bundle: 
     asyncio.run(run())
 
 
-def test_overload_is_immediate_and_typed(tiny_bundle: Callable[..., Path]) -> None:
+def test_overload_is_refused_before_tokenization(tiny_bundle: Callable[..., Path]) -> None:
     bundle = tiny_bundle("trl")
 
     async def run() -> None:
-        engine, _ = _engine(bundle, EngineConfig(max_queued_requests=2, max_wait_ms=0), delay=0.2)
+        engine, backend = _engine(bundle, EngineConfig(max_queued_requests=2, max_wait_ms=0), gated=True)
         calls = 0
         real = engine.formatter.format_request
 
@@ -203,13 +231,14 @@ def test_overload_is_immediate_and_typed(tiny_bundle: Callable[..., Path]) -> No
         engine.formatter.format_request = counting  # type: ignore[method-assign]
         async with engine:
             first = [asyncio.create_task(engine.score(_marked(20 + i))) for i in range(2)]
-            await asyncio.sleep(0.01)
-            started = time.perf_counter()
+            await asyncio.sleep(0)  # both take their permits (admission runs before the first await)
+            assert engine.queue_depth == 2
             with pytest.raises(Overloaded, match="queue full"):
                 await engine.score(_marked(30))
-            assert time.perf_counter() - started < 0.05
-            assert calls == 2  # refused before tokenization
+            assert calls <= 2  # the refused one was never tokenized
+            backend.proceed.set()
             await asyncio.gather(*first)
+            assert engine.queue_depth == 0
             await engine.score(_marked(31))  # room again once the queue drains
 
     asyncio.run(run())
@@ -311,10 +340,16 @@ def test_several_backends_share_one_queue(tiny_bundle: Callable[..., Path]) -> N
     requests = _requests(5, 40)
 
     async def run() -> None:
-        backends = [Recording(OrtBackend(bundle / "model.onnx"), delay=0.02) for _ in range(2)]
+        backends = [Recording(OrtBackend(bundle / "model.onnx"), gated=True) for _ in range(2)]
         engine = Engine(load_bundle(bundle), backends, EngineConfig(max_batch_tokens=1024, row_tokens=512))
         async with engine:
-            results = await asyncio.gather(*(engine.score(r) for r in requests))
+            answers = asyncio.gather(*(engine.score(r) for r in requests))
+            # a device that takes a batch is held there: both are entered only if both took one
+            for b in backends:
+                await _until_entered(b)
+            for b in backends:
+                b.proceed.set()
+            results = await answers
         assert all(len(r.candidates) == len(q.candidates) for r, q in zip(results, requests, strict=True))
         assert all(b.batches for b in backends)  # both devices took batches from the one queue
 

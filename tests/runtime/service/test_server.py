@@ -200,52 +200,52 @@ def test_overload_is_immediate_and_admission_is_atomic(slow_bundle: Path) -> Non
     assert max(refused) < min(ok)  # refusals come at once, long before any heavy answer
 
 
-def test_deadline_and_cancel_drop_queued_work(slow_bundle: Path) -> None:
+def test_deadline_is_deadline_exceeded_and_counted(slow_bundle: Path) -> None:
+    """Over the wire: a call whose deadline passes while it waits behind heavy work gets DEADLINE_EXCEEDED
+    and the metrics count it. (That expired and cancelled work never reaches the model is proven where the
+    device can be held: tests/runtime/test_engine.py and tests/runtime/test_core.py.)"""
     metrics_port = _free_port()
     with serve(slow_bundle, "--metrics-port", str(metrics_port), "--max-wait-ms", "0") as s:
         with Client(s.target) as client:
             client.wait_ready()
 
-        async def run() -> int:
+        async def run() -> None:
             async with AsyncClient(s.target) as client:
                 busy = asyncio.create_task(client.score(PROBLEM, _heavy(600)))
-                await asyncio.sleep(0.3)
+                # once its first batch ran, the rest of the heavy request is queued ahead of the next call
+                while _metric(metrics_port, "stepscore_batches_total") < 1:
+                    await asyncio.sleep(0)  # lets the call above proceed; the condition is the server's
                 with pytest.raises(DeadlineExceeded):
                     await client.score(PROBLEM, [["expiring step"]], timeout=0.2)
-                doomed = asyncio.create_task(client.score(PROBLEM, [["cancelled step"]]))
-                await asyncio.sleep(0.1)
-                doomed.cancel()
-                result = await busy
-                return sum(c.num_tokens for c in result.candidates)
+                await busy
 
-        heavy_tokens = asyncio.run(run())
-        time.sleep(0.5)
-        submitted = _metric(metrics_port, 'stepscore_tokens_total{kind="submitted"}')
-        computed = _metric(metrics_port, "stepscore_batch_tokens_count")
-        by_graph = _metric(metrics_port, "stepscore_batches_total")  # tree and plain runs
+        asyncio.run(run())
+        # the servicer counts a call before it answers: no wait needed
         codes = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    assert computed >= 1 and by_graph == computed
-    # only the heavy request's tokens (and the readiness probe's none) reached the model
-    assert submitted == heavy_tokens
     assert 'code="DEADLINE_EXCEEDED"' in codes and "stepscore_queue_depth" in codes
 
 
 def test_sigterm_drains_then_exits_zero(slow_bundle: Path) -> None:
-    with serve(slow_bundle, "--grace-seconds", "30") as s:
+    metrics_port = _free_port()
+    # the grace period is an upper bound (the drain ends when the work does): generous for a loaded machine
+    with serve(slow_bundle, "--grace-seconds", "600", "--metrics-port", str(metrics_port)) as s:
         with Client(s.target) as client:
             client.wait_ready()
         with ThreadPoolExecutor(2) as pool:
-            inflight = pool.submit(lambda: Client(s.target).score(PROBLEM, _heavy(600)))
-            time.sleep(0.5)
-            s.proc.send_signal(15)
-            time.sleep(0.2)
             channel = grpc.insecure_channel(s.target)
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # health's Watch pushes each change: the test waits on the stream, not on a clock
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            inflight = pool.submit(lambda: Client(s.target).score(PROBLEM, _heavy(200)))
+            while _metric(metrics_port, "stepscore_queue_depth") < 1:  # the heavy call is admitted
+                pass
+            s.proc.send_signal(15)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
             with Client(s.target) as late, pytest.raises(Unavailable):
                 late.score(PROBLEM, [GOOD])
             channel.close()
-            assert len(inflight.result(timeout=60).candidates) == 600  # in-flight work finished
+            assert len(inflight.result(timeout=600).candidates) == 200  # in-flight work finished
         assert s.proc.wait(timeout=30) == 0
 
 
@@ -279,6 +279,13 @@ def test_bearer_token(bundle: Path) -> None:
                 with pytest.raises(Unauthenticated):
                     async for _ in client.score_stream([ScoreRequest(PROBLEM, [GOOD], request_id="a")]):
                         pass
+                # a refused stream with many requests still reports UNAUTHENTICATED, every time (grpcio's
+                # asyncio client turns a write racing the refusal into INTERNAL unless the client waits)
+                many = [ScoreRequest(PROBLEM, [GOOD], request_id=f"r{i}") for i in range(20)]
+                for _ in range(30):
+                    with pytest.raises(Unauthenticated):
+                        async for _ in client.score_stream(many):
+                            pass
 
         asyncio.run(stream())
 

@@ -16,6 +16,8 @@ Overloaded, DeadlineExceeded, InternalError with its `error_id`, ...), through t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
@@ -171,16 +173,8 @@ class AsyncClient(_Base):
 
     async def score_stream(self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> AsyncIterator[StreamItem]:
         """Send requests on one stream; yield each answer as soon as the server sends it."""
-
-        async def produce() -> AsyncIterator[Any]:
-            if isinstance(requests, Sequence):
-                for r in requests:
-                    yield request_to_proto(r)
-            else:
-                async for r in requests:
-                    yield request_to_proto(r)
-
-        call = self._stub.ScoreStream(produce(), timeout=self._timeout, metadata=self._metadata)
+        call = self._stub.ScoreStream(timeout=self._timeout, metadata=self._metadata)
+        writer = asyncio.create_task(self._write_all(call, requests))
         try:
             async for msg in call:
                 if msg.WhichOneof("result") == "response":
@@ -193,6 +187,44 @@ class AsyncClient(_Base):
             raise from_rpc_error(err) from None
         finally:
             call.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    @staticmethod
+    async def _write_all(call: Any, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> None:
+        """Write the requests; the second only once the server has accepted the stream (its initial
+        metadata), so that a stream refused at once (bad token, overload) reports its real status: grpcio's
+        asyncio client replaces the server's status with INTERNAL "Internal error from Core" when a write
+        races the end of the call (grpc/grpc#36066). The first write cannot race: it is what opens the call.
+        A failed write means the call ended; its status reaches the reader, which reports it."""
+
+        async def accepted() -> bool:
+            opened = asyncio.ensure_future(call.initial_metadata())
+            ended = asyncio.ensure_future(call.code())
+            await asyncio.wait((opened, ended), return_when=asyncio.FIRST_COMPLETED)
+            opened.cancel()
+            ended.cancel()
+            return not call.done()
+
+        async def each() -> AsyncIterator[ScoreRequest]:
+            if isinstance(requests, Sequence):
+                for r in requests:
+                    yield r
+            else:
+                async for r in requests:
+                    yield r
+
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            count = 0
+            async for request in each():
+                if count == 1 and not await accepted():
+                    return
+                await call.write(request_to_proto(request))
+                count += 1
+            if count <= 1 and not await accepted():
+                return
+            await call.done_writing()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -67,6 +67,19 @@ def validate_request(request: ScoreRequest) -> None:
         raise InvalidRequest("soft_min_temperature", "must be a positive number")
 
 
+def estimate_tokens(request: ScoreRequest) -> int:
+    """A request's size in tokens before it is tokenized, for admission: exact for token ids; for text, one
+    token per 4 UTF-8 bytes plus one per step (its tag). The real count replaces it after tokenization."""
+    total = 0
+    context = len(request.problem.encode()) + sum(len(s.encode()) for s in request.prefix_steps)
+    for cand in request.candidates:
+        if isinstance(cand, TokenIds):
+            total += len(cand.ids)
+        else:
+            total += (context + sum(len(s.encode()) for s in cand)) // 4 + len(cand) + len(request.prefix_steps)
+    return total
+
+
 def _device_list(device: str, devices: Iterable[int | str] | None) -> list[str]:
     if devices is None:
         return [device]
@@ -180,28 +193,30 @@ class Engine:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             raise DeadlineExceeded("the deadline passed before the request was queued")
         scheduler = self._scheduler
-        scheduler.reserve_request()  # before tokenization: overload is answered at once
+        # the request's share of the queue, taken before tokenization so that overload is answered at once;
+        # from `submit` on it belongs to the queued request, which releases it however it ends
+        permit = scheduler.admit(estimate_tokens(request))
         try:
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
             items = await loop.run_in_executor(self._tokenize_pool, self.formatter.format_request, request)
             tokenize_ms = (time.perf_counter() - t0) * 1000.0
-            entry = scheduler.submit(items, request.deadline)
+            queued, future = scheduler.submit(items, request.deadline, permit)
         except BaseException:
-            scheduler.release_request()
+            permit.release()
             raise
         if request.deadline is None:
-            per_item = await entry.future
+            per_item = await future
         else:
             try:
-                per_item = await asyncio.wait_for(entry.future, max(0.0, request.deadline - time.monotonic()))
+                per_item = await asyncio.wait_for(future, max(0.0, request.deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise DeadlineExceeded("the deadline passed before the scores were computed") from None
-        queued_at = entry.first_batch_at or entry.enqueued_at
+        queued_at = queued.first_batch_at or queued.arrived
         timing = Timing(
-            queue_ms=(queued_at - entry.enqueued_at) * 1000.0,
+            queue_ms=(queued_at - queued.arrived) * 1000.0,
             tokenize_ms=tokenize_ms,
-            compute_ms=entry.compute_s * 1000.0,
+            compute_ms=queued.compute_s * 1000.0,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
         return build_result(items, per_item, request, timing)

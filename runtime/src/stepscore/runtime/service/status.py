@@ -83,8 +83,9 @@ def from_status(code: grpc.StatusCode, message: str, field: str = "", error_id: 
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field = field or (message.split(": ", 1)[0] if ": " in message else "request")
         return InvalidRequest(field, message.removeprefix(field + ": "))
-    if code == grpc.StatusCode.INTERNAL and error_id:
-        return InternalError(error_id)
+    if code == grpc.StatusCode.INTERNAL:
+        # with an id: the server's own report; without: gRPC's (transport, a peer that is not stepscore)
+        return InternalError(error_id) if error_id else StepscoreError(f"{code.name}: {message}")
     cls = next((c for c, k in TABLE if k == code), StepscoreError)
     return cls(f"{code.name}: {message}")
 
