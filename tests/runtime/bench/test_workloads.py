@@ -48,7 +48,8 @@ def test_arith_workloads_are_the_embedded_models_own_traffic() -> None:
     from stepscore.runtime.default_model import default_bundle
     from stepscore.runtime.engine import SyncEngine
 
-    right, wrong = [], []
+    right: list[float] = []
+    wrong: list[float] = []
     with SyncEngine(default_bundle()) as engine:
         for r in bon.requests[:6]:
             problem = _problem(r.problem)
