@@ -23,8 +23,8 @@ def add_parser(sub: Any) -> None:
         "validation against the PyTorch reference. Every option can also be set by the environment variable "
         "its help names.",
     )
-    p.add_argument("model", help="model folder (config.json, weights, tokenizer) or a hub id such as org/name")
-    p.add_argument("out", type=Path, help="bundle directory to write (with --force, an existing bundle is replaced)")
+    p.add_argument("model", metavar="MODEL", help="model folder (config.json, weights, tokenizer) or a hub id such as org/name")
+    p.add_argument("out", metavar="OUT", type=Path, help="bundle directory to write (--force replaces a bundle there)")
     g = p.add_argument_group("target")
     add_flag(g, "--device", "cpu", str, "where the bundle will be served (cpu, cuda, cuda:N): chooses the precision")
     add_flag(

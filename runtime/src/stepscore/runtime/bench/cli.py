@@ -181,6 +181,10 @@ def plan_systems(args: argparse.Namespace) -> list[Callable[[], System]]:
     """Factories of the systems to run, in order (each is built, run and closed before the next)."""
     given = given_bundle(args)
     bundle = Path(given) if given else (None if args.target else bundle_path(None))
+    if bundle is not None:
+        from stepscore.runtime.bundle import load_bundle
+
+        load_bundle(bundle, verify=False)  # a wrong BUNDLE is said before any workload is built
     wanted = set(_names(args.systems)) if args.systems else None
     if wanted is not None and wanted - set(SYSTEMS):
         raise ConfigError(f"--systems: unknown {sorted(wanted - set(SYSTEMS))}; known: {', '.join(SYSTEMS)}")
