@@ -43,11 +43,12 @@ def test_python_example_runs(server: ServerProcess, index: int) -> None:
     code = examples("python")[index].replace(ADDRESS, server.target)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    # the example prints each candidate's step scores: two candidates of two steps, probabilities
-    scores = ast.literal_eval(proc.stdout.strip())
-    assert [len(s) for s in scores] == [2, 2]
-    assert all(0.0 <= x <= 1.0 for s in scores for x in s)
-    assert min(scores[0]) > min(scores[1])  # the embedded model ranks the right chain above the wrong one
+    # the example prints each candidate's step scores: a right chain, one wrong from its first step, one wrong
+    # at its second; the embedded model must tell them apart, step by step, by a wide margin
+    right, wrong_first, wrong_second = ast.literal_eval(proc.stdout.strip())
+    assert min(right) > 0.9, right
+    assert max(wrong_first) < 0.1, wrong_first
+    assert wrong_second[0] > 0.9 and wrong_second[1] < 0.1, wrong_second
 
 
 @pytest.mark.parametrize("index", range(len(examples("js"))))
@@ -61,5 +62,6 @@ def test_node_example_runs(server: ServerProcess, index: int) -> None:
     proc = subprocess.run(["node", "-e", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     candidates = json.loads(proc.stdout)
-    assert len(candidates) == 1 and len(candidates[0]["step_scores"]) == 2
-    assert "min" in candidates[0]["aggregates"]
+    assert [len(c["step_scores"]) for c in candidates] == [2, 2]
+    right, wrong = (c["aggregates"]["min"] for c in candidates)
+    assert right > 0.9 and wrong < 0.1, candidates  # real scores, far apart: the example shows the model works

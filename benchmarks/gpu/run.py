@@ -227,7 +227,7 @@ def section_sharing(args: argparse.Namespace, folder: Path, bundle: Path, shape:
 def section_serve(args: argparse.Namespace, folder: Path, bundle: Path, out: Path) -> dict[str, Any]:
     """The benchmark harness (stepscore bench) on synthetic Best-of-N and beam traffic."""
     cmd = [
-        sys.executable, "-m", "stepscore.cli", "bench", "--bundle", str(bundle), "--hf-model", str(folder), "--serve",
+        sys.executable, "-m", "stepscore.cli", "bench", str(bundle), "--hf-model", str(folder), "--serve",
         "--workload", "synthetic,synthetic-beam", "--limit", str(16 if args.tiny else 96),
         "--concurrency", "1,16,64", "--rate-fractions", "", "--warmup", "4", "--device", args.device,
         "--max-batch-tokens", str(4096 if args.tiny else 65536), "--out", str(out / "bench"),

@@ -101,3 +101,35 @@ def test_max_seq_len_respects_sliding_window(tiny_model: Callable[[str], Path]) 
     assert _plan(tiny_model("math-shepherd")).max_seq_len == 256  # Mistral's window, not its 512 positions
     with pytest.raises(ExportError, match="beyond the model's limit"):
         _plan(tiny_model("trl"), max_seq_len=100_000)
+
+
+def test_presets_are_records_and_detection_reads_them() -> None:
+    from stepscore.export import presets
+
+    assert set(presets.PRESETS) == {p.name for p in presets.PRESET_LIST}
+    assert {r.preset for r in presets.RULES} <= set(presets.PRESETS)
+    assert set(presets.DEFAULT_PRESET.values()) <= set(presets.PRESETS)
+    facts = presets.ModelFacts("MistralForCausalLM", "mistral", [], None, lambda text: text == "ки")
+    assert presets.detect(facts).name == "math-shepherd"
+    facts = presets.ModelFacts("LlamaForCausalLM", "llama", [], "<|start_header_id|>", lambda text: False)
+    assert presets.detect(facts).name == "rlhflow"
+    with pytest.raises(ExportError, match="is a causal LM"):
+        presets.detect(presets.ModelFacts("GPT2ForCausalLM", "gpt2", [], None, lambda text: False))
+
+
+def test_tokenizer_code_does_not_call_back_into_formats() -> None:
+    import ast
+
+    from stepscore.export import tokenizer
+
+    tree = ast.parse(Path(tokenizer.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"stepscore.export.families", "stepscore.export.formats", "stepscore.export.presets"}
+
+
+def test_command_line_escapes_are_unescaped() -> None:
+    from stepscore.export.presets import unescape
+
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\tb") == "a\tb"
+    assert unescape("put it in \\boxed{}") == "put it in \\boxed{}"  # LaTeX passes unchanged
+    assert unescape("\\\\neq") == "\\neq"  # a backslash written twice is one backslash

@@ -58,7 +58,7 @@ def test_external_data_bundle_loads_and_scores(tmp_path: Path, tiny_model: Calla
     from stepscore.export.pipeline import export_model
 
     out = tmp_path / "ext"
-    export_model(str(tiny_model("skywork")), out, precision="fp32", external_data=True, progress=lambda _: None)
+    export_model(str(tiny_model("skywork")), out, precision="fp32", progress=lambda _: None)
     manifest = load_bundle(out).manifest
     assert manifest.graph.data_file == "model.onnx.data"
     assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size

@@ -76,7 +76,7 @@ def test_external_data_is_shared_not_copied(tmp_path: Path, tiny_model: Callable
     from stepscore.export.pipeline import export_model
 
     out = tmp_path / "ext"
-    export_model(str(tiny_model("qwen-prm")), out, precision="fp32", external_data=True, progress=lambda _: None)
+    export_model(str(tiny_model("qwen-prm")), out, precision="fp32", progress=lambda _: None)
     manifest = load_bundle(out).manifest
     assert manifest.validation["max_abs_diff_plain"] is not None and manifest.validation["passed"] is True
     plain = onnx.load(str(out / "model_plain.onnx"), load_external_data=False)

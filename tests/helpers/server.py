@@ -20,15 +20,20 @@ class ServerProcess:
     host: str
     port: int
     output: list[str] = field(default_factory=list)
+    pump: threading.Thread | None = None  # reads `output` until the process closes it
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server, wait for it to exit, and for its last output lines to be in `output`."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        if self.pump is not None:
+            self.pump.join(timeout=timeout)
+        return code
 
 
 def _pump(stream: object, sink: list[str]) -> None:
@@ -58,8 +63,9 @@ def serve(bundle: Path, *args: str, env: dict[str, str] | None = None, timeout: 
     if not port:
         proc.kill()
         raise RuntimeError(f"server did not become ready:\n{''.join(lines)}")
-    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-    server = ServerProcess(proc, "127.0.0.1", port, lines)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    pump.start()
+    server = ServerProcess(proc, "127.0.0.1", port, lines, pump)
     try:
         yield server
     finally:

@@ -38,4 +38,4 @@ def test_node_client_unary_and_stream(tiny_bundle: Callable[..., Path]) -> None:
     assert set(stream) == {"s1", "s2", "s3"}
     assert len(stream["s2"]["candidates"]) == 1 and stream["s1"]["result"] == "response"
     assert stream["s3"]["result"] == "error" and stream["s3"]["error"]["code"] == 3  # INVALID_ARGUMENT
-    assert stream["s3"]["error"]["field"] == "candidates[0].steps[0]"
+    assert stream["s3"]["error"]["field"] == "candidates[0]"

@@ -261,7 +261,7 @@ def test_invalid_requests_name_the_field(tiny_bundle: Callable[..., Path]) -> No
     with SyncEngine(tiny_bundle("trl")) as engine:
         for request, field in [
             (ScoreRequest("p", []), "candidates"),
-            (ScoreRequest("p", [["ok", "  "]]), r"candidates\[0\].steps\[1\]"),
+            (ScoreRequest("p", [["ok", 3]]), r"candidates\[0\].steps\[1\]"),  # type: ignore[list-item]
             (ScoreRequest("p", [[]]), r"candidates\[0\]"),
             (ScoreRequest("p", [["a"]], aggregates=("median",)), "aggregates"),
             (ScoreRequest("p", [["a"]], soft_min_temperature=0.0), "soft_min_temperature"),
@@ -332,7 +332,7 @@ def test_prefix_steps_shape_equals_whole_candidates(tiny_bundle: Callable[..., P
         with pytest.raises(InvalidRequest, match="prefix_steps"):
             engine.score(ScoreRequest("p?", [TokenIds([1, 2, 3], [2])], prefix_steps=prefix))
         with pytest.raises(InvalidRequest, match=r"prefix_steps\[1\]"):
-            engine.score(ScoreRequest("p?", [["x"]], prefix_steps=["ok", " "]))
+            engine.score(ScoreRequest("p?", [["x"]], prefix_steps=["ok", None]))  # type: ignore[list-item]
 
 
 def test_several_backends_share_one_queue(tiny_bundle: Callable[..., Path]) -> None:

@@ -31,5 +31,5 @@ client.Score(request, (err, res) => {
   stream.on("end", () => client.close());
   stream.write({ ...request, request_id: "s1" });
   stream.write({ ...request, request_id: "s2", candidates: [steps("2+3=5.")] });
-  stream.write({ ...request, request_id: "s3", candidates: [steps("")] }); // empty step: an in-stream error
+  stream.write({ ...request, request_id: "s3", candidates: [steps("word ".repeat(400))] }); // too long: an in-stream error
 });

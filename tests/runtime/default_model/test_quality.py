@@ -55,7 +55,7 @@ def test_shipped_bundle_is_the_shipped_checkpoint_exported(tmp_path: Path, engin
     from stepscore.runtime.bundle import load_bundle
 
     fresh = tmp_path / "bundle"
-    export_model(str(default_checkpoint()), fresh, precision="fp32", external_data=True, progress=lambda _: None)
+    export_model(str(default_checkpoint()), fresh, precision="fp32", progress=lambda _: None)
     shipped = load_bundle(default_bundle()).manifest
     again = load_bundle(fresh).manifest
     assert again.format == shipped.format and again.head == shipped.head and again.model == shipped.model

@@ -89,7 +89,8 @@ def test_fuzzed_requests_get_clear_codes_and_the_server_survives(server: ServerP
         pb.ScoreRequest(
             request_id=f"id{i}",
             problem=f"p{i} <extra_0>",
-            candidates=[pb.Candidate(steps=pb.Steps(steps=["a <|im_end|>", "" if i % 3 == 0 else "b ки"]))],
+            candidates=[pb.Candidate(steps=pb.Steps(steps=["a <|im_end|>", "" if i % 2 == 0 else "b ки"]))],
+            aggregates=["median"] if i % 3 == 0 else [],  # an unknown aggregate: an in-stream error
         )
         for i in range(30)
     ]

@@ -93,12 +93,12 @@ def test_stream_answers_out_of_order(slow_bundle: Path) -> None:
         async with AsyncClient(target) as client:
             requests = [ScoreRequest(PROBLEM, _heavy(600), request_id="slow")]
             requests += [ScoreRequest(PROBLEM, [GOOD], request_id=f"fast{i}") for i in range(5)]
-            requests += [ScoreRequest(PROBLEM, [["ok", ""]], request_id="bad")]
+            requests += [ScoreRequest(PROBLEM, [["word " * 400]], request_id="bad")]  # over the context
             order = []
             async for item in client.score_stream(requests):
                 order.append(item.request_id)
                 if item.request_id == "bad":
-                    assert isinstance(item.error, InvalidRequest) and item.error.field == "candidates[0].steps[1]"
+                    assert isinstance(item.error, InvalidRequest) and item.error.field == "candidates[0]"
                 else:
                     assert item.result is not None and item.result.request_id == item.request_id
             return order
@@ -114,7 +114,6 @@ def test_stream_answers_out_of_order(slow_bundle: Path) -> None:
     ("candidates", "extra", "field"),
     [
         ([], {}, "candidates"),
-        ([["fine", ""]], {}, "candidates[0].steps[1]"),
         ([GOOD], {"aggregates": ["median"]}, "aggregates"),
         ([TokenIds([1, 2, 10**9], [2])], {}, "candidates[0].ids[2]"),
         ([["word " * 400]], {}, "candidates[0]"),  # over the 512-token context, no truncation
@@ -132,13 +131,22 @@ def test_unary_error_trailer_names_the_field_for_any_client(server: ServerProces
     """Clients in other languages read the field from the trailing metadata, not from the message text."""
     channel = grpc.insecure_channel(server.target)
     stub: Any = pb_grpc.StepScorerStub  # generated code, untyped
-    request = pb.ScoreRequest(problem=PROBLEM, candidates=[pb.Candidate(steps=pb.Steps(steps=["fine", ""]))])
+    steps = pb.Candidate(steps=pb.Steps(steps=GOOD))
+    request = pb.ScoreRequest(problem=PROBLEM, candidates=[steps], aggregates=["median"])
     with pytest.raises(grpc.RpcError) as info:
         stub(channel).Score(request, timeout=30)
     channel.close()
     err: Any = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert dict(err.trailing_metadata())["stepscore-field"] == "candidates[0].steps[1]"
+    assert dict(err.trailing_metadata())["stepscore-field"] == "aggregates"
+
+
+def test_empty_steps_are_scored_as_the_reference_does(server: ServerProcess) -> None:
+    # the reference code of every family tags an empty step like any other (two tags in a row): a refusal
+    # would make clients drop it and shift step indices against their labels
+    with Client(server.target) as client:
+        result = client.score(PROBLEM, [["fine", "", "  ", "done"]], prefix_steps=[""])
+    assert len(result.candidates[0].step_scores) == 5  # the prefix step is scored too
 
 
 def test_left_truncation_over_grpc(server: ServerProcess) -> None:

@@ -7,44 +7,74 @@ from pathlib import Path
 from typing import Any
 
 from stepscore.errors import ExportError
-from stepscore.export.presets import PRESETS, ExportOptions
+from stepscore.export.presets import PRESETS, ExportOptions, default_precision, unescape
+from stepscore.runtime.flags import add_flag, add_switch
+
+ESCAPES = "\\n and \\t are read as newline and tab, \\\\ as one backslash"
 
 
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "export",
         help="turn a trained PRM into a validated, optimized ONNX bundle",
-        description="Export a Hugging Face PRM (local folder or hub id) into a bundle directory: fused ONNX graph, "
-        "tokenizer and manifest.json. The family and format are detected from config.json; the options "
-        "below override them. Every export ends in validation against the PyTorch reference.",
+        description="Export a Hugging Face PRM (local folder or hub id) into a bundle directory: fused ONNX graph "
+        "(its weights in one model.onnx.data file, shared by both graphs), tokenizer and manifest.json. The family "
+        "and format are detected from config.json; the options below override them. Every export ends in "
+        "validation against the PyTorch reference. Every option can also be set by the environment variable "
+        "its help names.",
     )
-    p.add_argument("model", help="model folder (config.json, weights, tokenizer) or a hub id such as org/name")
-    p.add_argument("out", type=Path, help="bundle directory to write")
-    p.add_argument(
+    p.add_argument("model", metavar="MODEL", help="model folder (config.json, weights, tokenizer) or a hub id such as org/name")
+    p.add_argument("out", metavar="OUT", type=Path, help="bundle directory to write (--force replaces a bundle there)")
+    g = p.add_argument_group("target")
+    add_flag(g, "--device", "cpu", str, "where the bundle will be served (cpu, cuda, cuda:N): chooses the precision")
+    add_flag(
+        g,
         "--precision",
+        None,
+        str,
+        "graph precision",
         choices=("fp16", "fp32"),
-        default="fp16",
-        help="graph precision (fp16 for GPUs; fp32 is faster on CPUs). Default: fp16",
+        shown="fp32 for --device cpu (faster on CPUs), fp16 for cuda",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the model line, when detection is not enough")
-    p.add_argument("--family", choices=("token_cls", "lm_pair", "value_head", "seq_cls"), help="how step scores are read out")
-    p.add_argument("--tag", help="step tag (token_cls/lm_pair/value_head): e.g. '<extra_0>' or 'ки'")
-    p.add_argument(
+    add_flag(g, "--max-seq-len", None, int, "longest candidate in tokens", shown="the model's limit")
+    f = p.add_argument_group("format (what detection cannot know)")
+    add_flag(f, "--preset", None, str, "the model line, when detection is not enough", choices=sorted(PRESETS))
+    add_flag(
+        f, "--family", None, str, "how step scores are read out", choices=("token_cls", "lm_pair", "value_head", "seq_cls")
+    )
+    add_flag(f, "--tag", None, unescape, "step tag (qwen-prm, math-shepherd, skywork): e.g. '<extra_0>' or 'ки'")
+    add_flag(
+        f,
         "--candidates",
+        None,
+        str,
+        "lm_pair: the two tokens whose logits are compared",
         nargs=2,
         metavar=("GOOD", "BAD"),
-        help="lm_pair: the two tokens whose logits are compared (default: + -)",
+        shown="+ -",
     )
-    p.add_argument("--system-prompt", help="chat formats: system message (qwen-prm default: the Qwen-Math one)")
-    p.add_argument("--step-separator", help="trl/skywork: separator after each step; orm: joins the steps")
-    p.add_argument("--activation", choices=("identity", "sigmoid"), help="seq_cls with one label: reward transform")
-    p.add_argument("--max-seq-len", type=int, help="longest candidate in tokens (default: the model's limit)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer folder or tokenizer.json, if not in the model folder")
-    p.add_argument("--no-chat-template", action="store_true", help="orm: do not use the tokenizer's chat template")
-    p.add_argument(
-        "--external-data", action="store_true", help="store weights in model.onnx.data even when small (always on past 256 MB)"
+    add_flag(
+        f,
+        "--system-prompt",
+        None,
+        unescape,
+        f"system prompt, for formats that have one (qwen-prm, math-shepherd-sal, rlhflow, orm with a chat "
+        f"template); refused by the others. {ESCAPES}",
+        shown="the preset's",
     )
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_flag(
+        f,
+        "--step-separator",
+        None,
+        unescape,
+        f"trl: appended to each step (default: the one the checkpoint's saved training arguments name, else \\n); "
+        f"math-shepherd(-sal): between steps; orm: joins the steps. {ESCAPES}",
+        shown="the preset's",
+    )
+    add_flag(f, "--activation", None, str, "seq_cls with one label: reward transform", choices=("identity", "sigmoid"))
+    add_flag(f, "--tokenizer", None, Path, "tokenizer folder or tokenizer.json, if not in the model folder")
+    add_switch(f, "--no-chat-template", "orm: do not use the tokenizer's chat template")
+    add_switch(p, "--force", "replace OUT if it is a stepscore bundle (any other existing folder is refused)")
     p.set_defaults(run=run)
 
 
@@ -65,13 +95,8 @@ def run(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         chat_template=not args.no_chat_template,
     )
-    export_model(
-        args.model,
-        args.out,
-        options,
-        precision=args.precision,
-        tokenizer=args.tokenizer,
-        force=args.force,
-        external_data=True if args.external_data else None,
-    )
+    precision = args.precision or default_precision(args.device)
+    why = "given" if args.precision else f"chosen for --device {args.device}; pass --precision to change it"
+    print(f"precision {precision} ({why})", flush=True)
+    export_model(args.model, args.out, options, precision=precision, tokenizer=args.tokenizer, force=args.force)
     return 0

@@ -37,12 +37,11 @@ from stepscore.runtime.bundle import INPUTS, OUTPUTS, Dimensions, HeadSpec, Prec
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
-# Tensors at least this large go to the external data file when one is used.
+# Constants at least this large go to the external data file too (the rotary cache); smaller ones (shapes,
+# axes) stay in the graph. Every parameter goes to the data file, whatever its size.
 _EXTERNAL_MIN_BYTES = 1024
 # External data offsets aligned to the page size let onnxruntime memory-map the weights.
 _ALIGN = 4096
-# Models larger than this keep their weights in `model.onnx.data` (smaller ones: one self-contained file).
-EXTERNAL_DATA_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -70,19 +69,18 @@ WeightFn = Callable[[str], npt.NDArray[np.float32]]
 class _Writer:
     """Collects nodes and initializers; streams large initializers to the external data file."""
 
-    def __init__(self, dtype: int, data_path: Path | None) -> None:
+    def __init__(self, dtype: int, data_path: Path) -> None:
         self.dtype = dtype
         self.np_dtype: Any = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.data_path = data_path
-        self._data = data_path.open("wb") if data_path else None
+        self._data = data_path.open("wb")
         self._offset = 0
         self.num_parameters = 0
 
     def close(self) -> None:
-        if self._data:
-            self._data.close()
+        self._data.close()
 
     def weight(self, name: str, array: npt.NDArray[Any], dtype: Any | None = None, count: bool = True) -> str:
         # converts (fp16) or reuses (fp32, already contiguous) without a needless copy; not
@@ -96,7 +94,7 @@ class _Writer:
                 )
         if count:
             self.num_parameters += int(arr.size)
-        if self._data is not None and arr.nbytes >= _EXTERNAL_MIN_BYTES:
+        if count or arr.nbytes >= _EXTERNAL_MIN_BYTES:
             pad = (-self._offset) % _ALIGN
             if pad:
                 self._data.write(b"\0" * pad)
@@ -107,7 +105,6 @@ class _Writer:
             tensor.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
             tensor.dims.extend(arr.shape)
             tensor.data_location = TensorProto.EXTERNAL
-            assert self.data_path is not None
             for key, value in (
                 ("location", self.data_path.name),
                 ("offset", str(self._offset)),
@@ -141,21 +138,18 @@ def build_graph(
     precision: Precision,
     out_dir: Path,
     graph_name: str = "model.onnx",
-    external_data: bool | None = None,
-) -> tuple[Path, Path | None, int]:
+) -> tuple[Path, Path, int]:
     """Write the graph (and its external data file) into `out_dir`.
 
     `weight(name)` returns a body tensor by its Hugging Face name without the `model.` prefix, as
-    float32. Returns (graph path, data path or None, number of parameters).
+    float32. Returns (graph path, data path, number of parameters).
+
+    The weights always go to `<graph_name>.data`: the plain-row graph derived from this one points into
+    the same file, so a bundle holds one copy of the weights; and a protobuf file cannot exceed 2 GB,
+    while weights inside it would all be held in memory until it is written.
     """
     dtype = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
-    if external_data is None:
-        bytes_per = 2 if precision == "fp16" else 4
-        approx = (spec.vocab_size + spec.num_layers * 12 * spec.hidden_size) * spec.hidden_size * bytes_per
-        # Protobuf files cannot exceed 2 GB, and weights inside the graph file are all held in memory
-        # until it is written: past a small size they stream to the data file instead.
-        external_data = approx > EXTERNAL_DATA_BYTES
-    data_path = out_dir / f"{graph_name}.data" if external_data else None
+    data_path = out_dir / f"{graph_name}.data"
     w = _Writer(dtype, data_path)
     try:
         _build(w, spec, weight, rope_cos_sin, head)
@@ -188,37 +182,68 @@ def _build(
     rope: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]],
     head: HeadWeights,
 ) -> None:
-    _H, N, KV, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    i64 = np.int64
-    input_ids, position_ids, attn_end, step_positions = INPUTS
+    """The whole graph, stage by stage: attention bias, embedding, the layers, read-out, head."""
+    d = _Decoder(w, spec, weight, rope)
+    attn_bias = d.attention_bias()
+    hidden = d.embed()
+    residual = hidden
+    mlp_out: str | None = None
+    for layer in range(spec.num_layers):
+        x, residual = d.input_norm(layer, hidden, mlp_out, residual)
+        x, residual = d.post_attention_norm(layer, d.attention(layer, x, attn_bias), residual)
+        mlp_out = d.mlp(layer, x)
+    assert mlp_out is not None
+    _head(w, d.readout(mlp_out, residual), head)
 
-    # --- attention bias from attn_end: allowed(i, j) = j <= i < attn_end[j] ------------------------
-    seq_len = w.op("Gather", [w.op("Shape", [input_ids], "/mask/Shape"), w.const("/mask/one", 1, i64)], "/mask/seq_len", axis=0)
-    arange = w.op("Range", [w.const("/mask/zero", 0, i64), seq_len, w.const("/mask/step", 1, i64)], "/mask/Range")
-    q_idx = w.op("Reshape", [arange, w.const("/mask/q_shape", [1, -1, 1], i64)], "/mask/q_idx")
-    k_idx = w.op("Reshape", [arange, w.const("/mask/k_shape", [1, 1, -1], i64)], "/mask/k_idx")
-    causal = w.op("LessOrEqual", [k_idx, q_idx], "/mask/causal")
-    end_k = w.op("Unsqueeze", [attn_end, w.const("/mask/axis1", [1], i64)], "/mask/end_k")
-    inside = w.op("Less", [q_idx, end_k], "/mask/inside")
-    allowed = w.op("And", [causal, inside], "/mask/allowed")
-    neg = float(np.finfo(w.np_dtype).min)
-    bias3 = w.op(
-        "Where", [allowed, w.const("/mask/zero_f", 0.0, w.np_dtype), w.const("/mask/neg_f", neg, w.np_dtype)], "/mask/Where"
-    )
-    attn_bias = w.op("Unsqueeze", [bias3, w.const("/mask/axis1b", [1], i64)], "/mask/attn_bias")  # [B, 1, S, S]
 
-    cos_cache = w.weight("/model/rotary/cos_cache", rope[0], count=False)
-    sin_cache = w.weight("/model/rotary/sin_cache", rope[1], count=False)
+_I64 = np.int64
 
-    hidden = w.op(
-        "Gather",
-        [w.weight("model.embed_tokens.weight", weight("embed_tokens.weight")), input_ids],
-        "/model/embed_tokens/Gather",
-        axis=0,
-    )
 
-    def linear(x: str, prefix: str, names: list[str], bias: bool) -> str:
+class _Decoder:
+    """The decoder's stages, each writing its nodes through the writer. Node names are hierarchical
+    (`/model/layers.0.self_attn/MultiHeadAttention`), initializer names are Hugging Face's."""
+
+    def __init__(
+        self, w: _Writer, spec: DecoderSpec, weight: WeightFn, rope: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+    ) -> None:
+        self.w, self.spec, self.weight = w, spec, weight
+        self.cos_sin = rope
+
+    # -- attention bias from attn_end: allowed(i, j) = j <= i < attn_end[j] ------------------------
+
+    def attention_bias(self) -> str:
+        w = self.w
+        input_ids, _, attn_end, _ = INPUTS
+        seq_len = w.op(
+            "Gather", [w.op("Shape", [input_ids], "/mask/Shape"), w.const("/mask/one", 1, _I64)], "/mask/seq_len", axis=0
+        )
+        arange = w.op("Range", [w.const("/mask/zero", 0, _I64), seq_len, w.const("/mask/step", 1, _I64)], "/mask/Range")
+        q_idx = w.op("Reshape", [arange, w.const("/mask/q_shape", [1, -1, 1], _I64)], "/mask/q_idx")
+        k_idx = w.op("Reshape", [arange, w.const("/mask/k_shape", [1, 1, -1], _I64)], "/mask/k_idx")
+        causal = w.op("LessOrEqual", [k_idx, q_idx], "/mask/causal")
+        end_k = w.op("Unsqueeze", [attn_end, w.const("/mask/axis1", [1], _I64)], "/mask/end_k")
+        inside = w.op("Less", [q_idx, end_k], "/mask/inside")
+        allowed = w.op("And", [causal, inside], "/mask/allowed")
+        neg = float(np.finfo(w.np_dtype).min)
+        zero_f, neg_f = w.const("/mask/zero_f", 0.0, w.np_dtype), w.const("/mask/neg_f", neg, w.np_dtype)
+        bias3 = w.op("Where", [allowed, zero_f, neg_f], "/mask/Where")
+        return w.op("Unsqueeze", [bias3, w.const("/mask/axis1b", [1], _I64)], "/mask/attn_bias")  # [B, 1, S, S]
+
+    # -- embedding and the rotary cache ------------------------------------------------------------
+
+    def embed(self) -> str:
+        w = self.w
+        # the cos/sin cache first: its initializers keep their place in the file
+        self.cos_cache = w.weight("/model/rotary/cos_cache", self.cos_sin[0], count=False)
+        self.sin_cache = w.weight("/model/rotary/sin_cache", self.cos_sin[1], count=False)
+        table = w.weight("model.embed_tokens.weight", self.weight("embed_tokens.weight"))
+        return w.op("Gather", [table, INPUTS[0]], "/model/embed_tokens/Gather", axis=0)
+
+    # -- building blocks ---------------------------------------------------------------------------
+
+    def linear(self, x: str, prefix: str, names: list[str], bias: bool) -> str:
         # HF Linear stores [out, in]; MatMul wants [in, out]. Merged projections concatenate outputs.
+        w, weight = self.w, self.weight
         mat = np.concatenate([weight(f"{prefix}.{n}.weight") for n in names], axis=0).T
         merged = f"model.{prefix}.{'_'.join(names)}"
         y = w.op("MatMul", [x, w.weight(f"{merged}.weight", mat)], f"/model/{prefix}/{'_'.join(names)}/MatMul")
@@ -227,89 +252,50 @@ def _build(
             y = w.op("Add", [y, w.weight(f"{merged}.bias", vec)], f"/model/{prefix}/{'_'.join(names)}/Add")
         return y
 
-    def head_norm(x: str, prefix: str, heads: int) -> str:
-        # Qwen3's per-head RMS norm of q and k, applied before the rotary embedding.
-        shaped = w.op("Reshape", [x, w.const(f"/model/{prefix}/shape4", [0, 0, heads, D], i64)], f"/model/{prefix}/Reshape")
-        gamma = w.weight(f"model.{prefix}.weight", weight(f"{prefix}.weight"))
-        normed = w.op(
-            "SimplifiedLayerNormalization",
-            [shaped, gamma],
-            f"/model/{prefix}/SimplifiedLayerNormalization",
-            axis=-1,
-            epsilon=spec.rms_norm_eps,
+    def skip_norm(self, x: str, residual: str, gamma: str, name: str) -> tuple[str, str]:
+        """(normed, new residual) = RMSNorm(x + residual), fused."""
+        normed, _, _, summed = self.w.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, gamma],
+            name,
+            outputs=4,
+            domain=MS_DOMAIN,
+            epsilon=self.spec.rms_norm_eps,
         )
-        return w.op("Reshape", [normed, w.const(f"/model/{prefix}/shape3", [0, 0, heads * D], i64)], f"/model/{prefix}/Flatten")
+        return normed, summed
 
-    residual = hidden
-    mlp_out: str | None = None
-    for layer in range(spec.num_layers):
-        p = f"layers.{layer}"
-        ln1 = w.weight(f"model.{p}.input_layernorm.weight", weight(f"{p}.input_layernorm.weight"))
+    # -- a layer -----------------------------------------------------------------------------------
+
+    def input_norm(self, layer: int, hidden: str, mlp_out: str | None, residual: str) -> tuple[str, str]:
+        """The layer's input norm; from the second layer on it also adds the previous MLP's output."""
+        w, p = self.w, f"layers.{layer}"
+        ln1 = w.weight(f"model.{p}.input_layernorm.weight", self.weight(f"{p}.input_layernorm.weight"))
         if mlp_out is None:
             x = w.op(
                 "SimplifiedLayerNormalization",
                 [hidden, ln1],
                 f"/model/{p}/input_layernorm/SimplifiedLayerNorm",
                 axis=-1,
-                epsilon=spec.rms_norm_eps,
+                epsilon=self.spec.rms_norm_eps,
             )
-        else:
-            x, _, _, residual = w.node(
-                "SkipSimplifiedLayerNormalization",
-                [mlp_out, residual, ln1],
-                f"/model/{p}/input_layernorm/SkipSimplifiedLayerNorm",
-                outputs=4,
-                domain=MS_DOMAIN,
-                epsilon=spec.rms_norm_eps,
-            )
+            return x, residual
+        return self.skip_norm(mlp_out, residual, ln1, f"/model/{p}/input_layernorm/SkipSimplifiedLayerNorm")
 
-        # attention
-        a = f"{p}.self_attn"
-        qkv = linear(x, a, ["q_proj", "k_proj", "v_proj"], spec.qkv_bias)
-        q, k, v = w.node(
-            "Split", [qkv, w.const(f"/model/{a}/split", [N * D, KV * D, KV * D], i64)], f"/model/{a}/Split", outputs=3, axis=-1
-        )
+    def attention(self, layer: int, x: str, attn_bias: str) -> str:
+        """Merged QKV projection, (Qwen3) q/k norms, rotary, MultiHeadAttention with the bias, o_proj."""
+        w, spec = self.w, self.spec
+        N, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        a = f"layers.{layer}.self_attn"
+        qkv = self.linear(x, a, ["q_proj", "k_proj", "v_proj"], spec.qkv_bias)
+        split = w.const(f"/model/{a}/split", [N * D, KV * D, KV * D], _I64)
+        q, k, v = w.node("Split", [qkv, split], f"/model/{a}/Split", outputs=3, axis=-1)
         if spec.qk_norm:
-            q = head_norm(q, f"{a}.q_norm", N)
-            k = head_norm(k, f"{a}.k_norm", KV)
-        q = w.op(
-            "RotaryEmbedding",
-            [q, position_ids, cos_cache, sin_cache],
-            f"/model/{a}/q_rotary",
-            domain=MS_DOMAIN,
-            num_heads=N,
-            interleaved=0,
-        )
-        k = w.op(
-            "RotaryEmbedding",
-            [k, position_ids, cos_cache, sin_cache],
-            f"/model/{a}/k_rotary",
-            domain=MS_DOMAIN,
-            num_heads=KV,
-            interleaved=0,
-        )
+            q = self.head_norm(q, f"{a}.q_norm", N)
+            k = self.head_norm(k, f"{a}.k_norm", KV)
+        q = self.rotary(q, f"/model/{a}/q_rotary", N)
+        k = self.rotary(k, f"/model/{a}/k_rotary", KV)
         if KV != N:
-            # MultiHeadAttention wants as many K/V heads as query heads: repeat each KV head N/KV times.
-            group = N // KV
-            shape5 = w.const(f"/model/{a}/kv_shape5", [0, 0, KV, 1, D], i64)
-            reps = w.const(f"/model/{a}/kv_expand", [1, 1, 1, group, 1], i64)
-            shape3 = w.const(f"/model/{a}/kv_shape3", [0, 0, N * D], i64)
-            k = w.op(
-                "Reshape",
-                [
-                    w.op("Expand", [w.op("Reshape", [k, shape5], f"/model/{a}/k_split_heads"), reps], f"/model/{a}/k_repeat"),
-                    shape3,
-                ],
-                f"/model/{a}/k_merge_heads",
-            )
-            v = w.op(
-                "Reshape",
-                [
-                    w.op("Expand", [w.op("Reshape", [v, shape5], f"/model/{a}/v_split_heads"), reps], f"/model/{a}/v_repeat"),
-                    shape3,
-                ],
-                f"/model/{a}/v_merge_heads",
-            )
+            k, v = self.repeat_kv(k, v, a)
         attn = w.op(
             "MultiHeadAttention",
             [q, k, v, "", "", attn_bias],
@@ -318,48 +304,75 @@ def _build(
             num_heads=N,
             scale=1.0 / math.sqrt(D),
         )
-        o = linear(attn, f"{a}", ["o_proj"], spec.o_bias)
+        return self.linear(attn, a, ["o_proj"], spec.o_bias)
 
-        ln2 = w.weight(f"model.{p}.post_attention_layernorm.weight", weight(f"{p}.post_attention_layernorm.weight"))
-        x, _, _, residual = w.node(
-            "SkipSimplifiedLayerNormalization",
-            [o, residual, ln2],
-            f"/model/{p}/post_attention_layernorm/SkipSimplifiedLayerNorm",
-            outputs=4,
-            domain=MS_DOMAIN,
-            epsilon=spec.rms_norm_eps,
-        )
-
-        # MLP: silu(gate) * up, with gate and up in one MatMul; QuickGelu(alpha=1) is x * sigmoid(x).
-        m = f"{p}.mlp"
-        gate_up = linear(x, m, ["gate_proj", "up_proj"], spec.mlp_bias)
-        gate, up = w.node(
-            "Split",
-            [gate_up, w.const(f"/model/{m}/split", [spec.intermediate_size] * 2, i64)],
-            f"/model/{m}/Split",
-            outputs=2,
+    def head_norm(self, x: str, prefix: str, heads: int) -> str:
+        # Qwen3's per-head RMS norm of q and k, applied before the rotary embedding.
+        w, D = self.w, self.spec.head_dim
+        shaped = w.op("Reshape", [x, w.const(f"/model/{prefix}/shape4", [0, 0, heads, D], _I64)], f"/model/{prefix}/Reshape")
+        gamma = w.weight(f"model.{prefix}.weight", self.weight(f"{prefix}.weight"))
+        normed = w.op(
+            "SimplifiedLayerNormalization",
+            [shaped, gamma],
+            f"/model/{prefix}/SimplifiedLayerNormalization",
             axis=-1,
+            epsilon=self.spec.rms_norm_eps,
         )
-        act = w.op("QuickGelu", [gate], f"/model/{m}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=1.0)
-        mlp_out = linear(w.op("Mul", [act, up], f"/model/{m}/Mul"), m, ["down_proj"], spec.mlp_bias)
+        shape3 = w.const(f"/model/{prefix}/shape3", [0, 0, heads * D], _I64)
+        return w.op("Reshape", [normed, shape3], f"/model/{prefix}/Flatten")
 
-    assert mlp_out is not None
-    # --- read-out: gather the step positions first, then final norm and head in fp32 -------------------
-    idx = w.op("Unsqueeze", [step_positions, w.const("/readout/axis2", [2], i64)], "/readout/idx")
-    sel_mlp = w.op("GatherND", [mlp_out, idx], "/readout/gather_mlp", batch_dims=1)
-    sel_res = w.op("GatherND", [residual, idx], "/readout/gather_residual", batch_dims=1)
-    if w.dtype != TensorProto.FLOAT:
-        sel_mlp = w.op("Cast", [sel_mlp], "/readout/cast_mlp", to=TensorProto.FLOAT)
-        sel_res = w.op("Cast", [sel_res], "/readout/cast_residual", to=TensorProto.FLOAT)
-    summed = w.op("Add", [sel_mlp, sel_res], "/readout/residual_add")
-    final = w.op(
-        "SimplifiedLayerNormalization",
-        [summed, w.weight("model.norm.weight", weight("norm.weight"), dtype=np.float32)],
-        "/model/norm/SimplifiedLayerNorm",
-        axis=-1,
-        epsilon=spec.rms_norm_eps,
-    )
-    _head(w, final, head)
+    def rotary(self, x: str, name: str, heads: int) -> str:
+        inputs = [x, INPUTS[1], self.cos_cache, self.sin_cache]
+        return self.w.op("RotaryEmbedding", inputs, name, domain=MS_DOMAIN, num_heads=heads, interleaved=0)
+
+    def repeat_kv(self, k: str, v: str, a: str) -> tuple[str, str]:
+        # MultiHeadAttention wants as many K/V heads as query heads: repeat each KV head N/KV times.
+        w, spec = self.w, self.spec
+        N, KV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        shape5 = w.const(f"/model/{a}/kv_shape5", [0, 0, KV, 1, D], _I64)
+        reps = w.const(f"/model/{a}/kv_expand", [1, 1, 1, N // KV, 1], _I64)
+        shape3 = w.const(f"/model/{a}/kv_shape3", [0, 0, N * D], _I64)
+
+        def repeat(x: str, which: str) -> str:
+            heads = w.op("Reshape", [x, shape5], f"/model/{a}/{which}_split_heads")
+            repeated = w.op("Expand", [heads, reps], f"/model/{a}/{which}_repeat")
+            return w.op("Reshape", [repeated, shape3], f"/model/{a}/{which}_merge_heads")
+
+        return repeat(k, "k"), repeat(v, "v")
+
+    def post_attention_norm(self, layer: int, o: str, residual: str) -> tuple[str, str]:
+        p = f"layers.{layer}"
+        gamma = self.w.weight(f"model.{p}.post_attention_layernorm.weight", self.weight(f"{p}.post_attention_layernorm.weight"))
+        return self.skip_norm(o, residual, gamma, f"/model/{p}/post_attention_layernorm/SkipSimplifiedLayerNorm")
+
+    def mlp(self, layer: int, x: str) -> str:
+        """silu(gate) * up, with gate and up in one MatMul; QuickGelu(alpha=1) is x * sigmoid(x)."""
+        w, spec = self.w, self.spec
+        m = f"layers.{layer}.mlp"
+        gate_up = self.linear(x, m, ["gate_proj", "up_proj"], spec.mlp_bias)
+        split = w.const(f"/model/{m}/split", [spec.intermediate_size] * 2, _I64)
+        gate, up = w.node("Split", [gate_up, split], f"/model/{m}/Split", outputs=2, axis=-1)
+        act = w.op("QuickGelu", [gate], f"/model/{m}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=1.0)
+        return self.linear(w.op("Mul", [act, up], f"/model/{m}/Mul"), m, ["down_proj"], spec.mlp_bias)
+
+    # -- read-out: gather the step positions first, then the final norm in fp32 ----------------------
+
+    def readout(self, mlp_out: str, residual: str) -> str:
+        w = self.w
+        idx = w.op("Unsqueeze", [INPUTS[3], w.const("/readout/axis2", [2], _I64)], "/readout/idx")
+        sel_mlp = w.op("GatherND", [mlp_out, idx], "/readout/gather_mlp", batch_dims=1)
+        sel_res = w.op("GatherND", [residual, idx], "/readout/gather_residual", batch_dims=1)
+        if w.dtype != TensorProto.FLOAT:
+            sel_mlp = w.op("Cast", [sel_mlp], "/readout/cast_mlp", to=TensorProto.FLOAT)
+            sel_res = w.op("Cast", [sel_res], "/readout/cast_residual", to=TensorProto.FLOAT)
+        summed = w.op("Add", [sel_mlp, sel_res], "/readout/residual_add")
+        return w.op(
+            "SimplifiedLayerNormalization",
+            [summed, w.weight("model.norm.weight", self.weight("norm.weight"), dtype=np.float32)],
+            "/model/norm/SimplifiedLayerNorm",
+            axis=-1,
+            epsilon=self.spec.rms_norm_eps,
+        )
 
 
 def _head(w: _Writer, hidden: str, head: HeadWeights) -> None:

@@ -8,13 +8,17 @@ passed, so OUT never holds a half-written or unvalidated bundle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import resource
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from stepscore.export.tokenizer import load_tokenizer
 from stepscore.export.validate import ValidationReport, require_pass, validate_graph
 from stepscore.export.weights import WeightStore
 from stepscore.runtime.bundle import (
+    MANIFEST_NAME,
     FileEntry,
     GraphSpec,
     Manifest,
@@ -88,6 +93,100 @@ def _sha256_text(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# --- the destination ---------------------------------------------------------------------------
+
+
+def is_bundle(folder: Path) -> bool:
+    """A folder `stepscore export` wrote: its manifest.json reads as one (a schema version and a graph)."""
+    try:
+        obj = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(obj, dict) and "schema_version" in obj and isinstance(obj.get("graph"), dict)
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """OUT must be a new or empty folder, or (with --force) a bundle: --force never deletes anything else."""
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ExportError(f"{folder} is a file, not a folder: give the bundle a folder path")
+    if not out.is_dir():
+        return
+    try:
+        empty = not any(out.iterdir())
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot read the folder ({exc.strerror})") from exc
+    if empty:
+        return
+    if not is_bundle(out):
+        raise ExportError(
+            f"{out} exists and is not a stepscore bundle (no bundle manifest.json); refusing to replace it, even with "
+            "--force: choose another folder"
+        )
+    if not force:
+        raise ExportError(f"{out} holds a bundle; pass --force to replace it")
+
+
+class _Terminated(BaseException):
+    """SIGTERM during an export: unwinds like Ctrl-C (SIGINT) does, so the staging folder is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A private sibling folder of OUT to write the bundle into; removed if anything fails, on Ctrl-C
+    (SIGINT) and on SIGTERM. `publish` moves it into place."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write the bundle into {out.parent}: {exc.strerror}") from exc
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    # signal handlers can only be installed from the main thread; elsewhere SIGTERM ends the process anyway
+    handler = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if handler else None
+    try:
+        yield work
+    except _Terminated as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(128 + exc.signum) from None  # the shell's convention for "killed by this signal"
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        where = exc.filename or work
+        raise ExportError(f"{where}: {exc.strerror or exc} (writing the bundle into {out.parent})") from exc
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if handler:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def publish(work: Path, out: Path) -> None:
+    """Move the finished bundle into place; a bundle OUT already held (checked by check_destination) is
+    set aside first and deleted only once the new one is there."""
+    # mkdtemp made the directory private; a bundle is readable like any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
 def export_model(
     model: str,
     out: Path,
@@ -95,7 +194,6 @@ def export_model(
     precision: Precision = "fp16",
     tokenizer: Path | None = None,
     force: bool = False,
-    external_data: bool | None = None,
     progress: Progress = print,
     validate: bool = True,
 ) -> ExportResult:
@@ -108,8 +206,7 @@ def export_model(
     if precision not in ("fp16", "fp32"):
         raise ExportError(f"--precision {precision!r} is not fp16 or fp32")
     out = out.expanduser()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
+    check_destination(out, force)  # before any heavy work: a refusal costs nothing
     start = time.perf_counter()
 
     def stage(n: int, name: str, since: float) -> float:
@@ -127,11 +224,14 @@ def export_model(
         f"        {plan.architecture} ({plan.model_type}, {plan.decoder.num_layers} layers, hidden "
         f"{plan.decoder.hidden_size}) -> preset {plan.preset}, family {plan.family}, {precision}"
     )
+    progress(f"        format: {plan.format.description}")
+    for note in plan.notes:
+        progress(f"        {note}")
+    for warning in plan.warnings:
+        progress(f"        warning: {warning}")
     t = stage(1, "load", start)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as work:
         # 2. export: the graph, written straight from the checkpoint
         shutil.copyfile(tok.json_path, work / "tokenizer.json")
         cos, sin = rope_cache(model_dir, max(plan.max_seq_len, MAX_ROW_TOKENS))
@@ -143,7 +243,6 @@ def export_model(
             plan.head_weights,
             precision,
             work,
-            external_data=external_data,
         )
         weights.close()  # before validation loads the reference: keep one copy of the model at a time
         plain_path: Path | None = None
@@ -194,16 +293,7 @@ def export_model(
         graphs = (graph_path, plain_path, data_path)
         manifest = _manifest(model, model_dir, plan, precision, graphs, n_params, ops, validation, hash_files(work, files))
         write_manifest(work, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        # mkdtemp made the directory private; a bundle is readable like any file the user writes
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(work, 0o777 & ~umask)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        publish(work, out)
     seconds = time.perf_counter() - start
     peak = _peak_rss_mb()
     progress(f"wrote {out} in {seconds:.1f}s, peak memory {peak:,.0f} MB")

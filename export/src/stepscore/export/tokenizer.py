@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,15 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from stepscore.errors import ExportError
-from stepscore.runtime.bundle import Segment
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TokenizerInfo:
+    """Facts about a model's tokenizer (ids, special tokens, the chat template rendered to text). Formats are
+    built from these facts by stepscore.export.formats; this class knows nothing about formats."""
+
     json_path: Path
     tok: Tokenizer  # special tokens recognised (for trusted template text)
     plain: Tokenizer  # special tokens are plain text (for user text)
@@ -58,25 +59,6 @@ class TokenizerInfo:
             value = value.get("content")
         return value if isinstance(value, str) else None
 
-    def split_literal(self, text: str) -> list[Segment]:
-        """Template text -> text segments and ids segments (added tokens become ids)."""
-        if not text:
-            return []
-        if not self.added:
-            return [Segment(text=text)]
-        pattern = "|".join(re.escape(content) for content, _ in self.added)
-        ids_by_content = dict(self.added)
-        out: list[Segment] = []
-        pos = 0
-        for match in re.finditer(pattern, text):
-            if match.start() > pos:
-                out.append(Segment(text=text[pos : match.start()]))
-            out.append(Segment(ids=(ids_by_content[match.group(0)],)))
-            pos = match.end()
-        if pos < len(text):
-            out.append(Segment(text=text[pos:]))
-        return out
-
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The chat template applied as transformers applies it (tokenize=False, no generation prompt)."""
         if not self.chat_template:
@@ -98,18 +80,29 @@ class TokenizerInfo:
 def load_tokenizer(model_dir: Path, override: Path | None = None) -> TokenizerInfo:
     """Find and load the tokenizer of a model folder (or `override`: a folder or a tokenizer.json)."""
     folder = model_dir
+    if override is not None and not override.exists():
+        raise ExportError(f"--tokenizer {override}: no such file or folder")
     if override is not None:
         folder = override.parent if override.is_file() else override
     json_path = override if override is not None and override.is_file() else folder / "tokenizer.json"
     if not json_path.is_file():
         json_path = _convert(folder)
-    tok = Tokenizer.from_file(str(json_path))
-    plain = Tokenizer.from_file(str(json_path))
+    try:
+        tok = Tokenizer.from_file(str(json_path))
+        plain = Tokenizer.from_file(str(json_path))
+        spec = json.loads(json_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ExportError(f"{json_path}: cannot read ({exc.strerror})") from exc
+    except Exception as exc:  # the tokenizers library raises its own exception type for a corrupt file
+        raise ExportError(f"{json_path}: not a tokenizer.json the tokenizers library can read ({exc})") from exc
     plain.encode_special_tokens = True
     config: dict[str, Any] = {}
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportError(f"{config_path}: not readable JSON ({exc})") from exc
     template = config.get("chat_template")
     for candidate in ("chat_template.jinja",):
         if template is None and (folder / candidate).is_file():
@@ -120,7 +113,6 @@ def load_tokenizer(model_dir: Path, override: Path | None = None) -> TokenizerIn
     with_special = tok.encode("a", add_special_tokens=True).ids
     without = tok.encode("a", add_special_tokens=False).ids
     bos_id = with_special[0] if len(with_special) == len(without) + 1 and with_special[1:] == without else None
-    spec = json.loads(json_path.read_text(encoding="utf-8"))
     added = sorted(
         ((t["content"], int(t["id"])) for t in spec.get("added_tokens", []) if t.get("content")),
         key=lambda item: -len(item[0]),

@@ -35,15 +35,47 @@ _ST_DTYPES: dict[str, Any] = {
 
 
 class _SafetensorsFile:
+    """One safetensors file: its header read and checked against the file's size at open, so a truncated
+    or corrupt download is one clear error before any work, never a failure deep inside the export."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        with path.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(header_len))
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise ExportError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
+                (header_len,) = struct.unpack("<Q", head)
+                if 8 + header_len > size:
+                    raise ExportError(f"{path}: not a safetensors file, or truncated (its header runs past the end)")
+                header = json.loads(fh.read(header_len))
+        except OSError as exc:
+            raise ExportError(f"{path}: cannot read ({exc.strerror})") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportError(f"{path}: not a safetensors file (its header is not JSON: {exc})") from exc
+        if not isinstance(header, dict):
+            raise ExportError(f"{path}: not a safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         self.header: dict[str, Any] = header
         self.base = 8 + header_len
         self._mmap: np.memmap[Any, np.dtype[np.uint8]] | None = None
+        self._check(size)
+
+    def _check(self, size: int) -> None:
+        end = 0
+        for name, info in self.header.items():
+            try:
+                start, stop = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ExportError(f"{self.path}: tensor {name} has no valid data_offsets (corrupt file)") from exc
+            if not 0 <= start <= stop:
+                raise ExportError(f"{self.path}: tensor {name} has data_offsets {start}..{stop} (corrupt file)")
+            end = max(end, stop)
+        if self.base + end > size:
+            raise ExportError(
+                f"{self.path}: truncated: {size:,} bytes, but its tensors need {self.base + end:,} (download it again)"
+            )
 
     def _raw(self) -> np.memmap[Any, np.dtype[np.uint8]]:
         if self._mmap is None:
@@ -125,5 +157,11 @@ def _load_torch_bins(paths: list[Path]) -> dict[str, Any]:
         raise ExportError("reading pytorch_model*.bin needs torch: pip install 'stepscore[export]'") from exc
     merged: dict[str, Any] = {}
     for path in paths:
-        merged.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+        try:
+            merged.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+        except OSError as exc:
+            raise ExportError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        except Exception as exc:  # torch raises many types for a corrupt file: each is one line here
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"{path}: not a readable PyTorch checkpoint, or truncated ({first})") from exc
     return merged

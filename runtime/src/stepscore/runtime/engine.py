@@ -49,14 +49,14 @@ def validate_request(request: ScoreRequest) -> None:
             raise InvalidRequest(f"candidates[{i}]", "must be a list of step strings")
         if not cand:
             raise InvalidRequest(f"candidates[{i}]", "has no steps")
+        # An empty step is scored as the models' reference code scores it (its tag follows the previous
+        # one): refusing it would make clients drop it and shift step indices against their labels.
         for j, step in enumerate(cand):
             if not isinstance(step, str):
                 raise InvalidRequest(f"candidates[{i}].steps[{j}]", "must be a string")
-            if not step.strip():
-                raise InvalidRequest(f"candidates[{i}].steps[{j}]", "is empty")
     for j, step in enumerate(request.prefix_steps):
-        if not isinstance(step, str) or not step.strip():
-            raise InvalidRequest(f"prefix_steps[{j}]", "is empty" if isinstance(step, str) else "must be a string")
+        if not isinstance(step, str):
+            raise InvalidRequest(f"prefix_steps[{j}]", "must be a string")
     if request.prefix_steps and any(isinstance(c, TokenIds) for c in request.candidates):
         raise InvalidRequest("prefix_steps", "applies to step-text candidates only, not to token ids")
     unknown = [a for a in request.aggregates if a not in AGGREGATES]

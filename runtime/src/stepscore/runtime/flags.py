@@ -17,14 +17,18 @@ from stepscore.runtime.config import PLAIN_ROWS, EngineConfig, PlainRows
 T = TypeVar("T")
 
 
-def env_name(flag: str) -> str:
-    """--max-batch-tokens -> STEPSCORE_MAX_BATCH_TOKENS."""
-    return "STEPSCORE_" + flag.lstrip("-").upper().replace("-", "_")
+def env_name(flag: str, scope: str = "") -> str:
+    """--max-batch-tokens -> STEPSCORE_MAX_BATCH_TOKENS; with scope "bench": STEPSCORE_BENCH_MAX_BATCH_TOKENS.
+
+    A flag that means the same in every subcommand (--device, --port, --token) has one variable; a flag
+    whose meaning is a subcommand's own (bench's --concurrency is a list, score's a number) is scoped, so
+    that a variable set for one subcommand never changes or breaks another."""
+    return "STEPSCORE_" + (f"{scope.upper()}_" if scope else "") + flag.lstrip("-").upper().replace("-", "_")
 
 
-def env_default(flag: str, default: T, cast: Callable[[str], T]) -> T:
-    """The value of STEPSCORE_<FLAG> if set (cast), else `default`."""
-    name = env_name(flag)
+def env_default(flag: str, default: T, cast: Callable[[str], T], env: str | None = None) -> T:
+    """The value of STEPSCORE_<FLAG> (or `env`) if set (cast), else `default`."""
+    name = env or env_name(flag)
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -51,30 +55,63 @@ def add_flag(
     help: str,
     *,
     choices: Sequence[T] | None = None,
-    metavar: str | None = None,
+    metavar: str | tuple[str, ...] | None = None,
     shown: str | None = None,
+    scope: str = "",
+    nargs: int | None = None,
+    aliases: Sequence[str] = (),
 ) -> None:
     """One option whose default may come from the environment; --help names the variable and the default
-    (`shown` replaces the default's text where the value alone would mislead, e.g. "the device's")."""
+    (`shown` replaces the default's text where the value alone would mislead, e.g. "the device's").
+
+    `scope` names the subcommand for flags whose meaning is its own (see env_name). With `nargs`, the
+    option takes that many values, and the variable holds them separated by spaces."""
+    env = env_name(flag, scope)
     default_text = shown if shown is not None else ("" if default in (None, "") else str(default))
-    note = f"env {env_name(flag)}" + (f"; default {default_text}" if default_text else "")
+    note = f"env {env}" + (f"; default {default_text}" if default_text else "")
+    value: Any
+    if nargs is None:
+        value = env_default(flag, default, cast, env)
+    else:
+
+        def cast_all(raw: str) -> Any:
+            parts = raw.split()
+            if len(parts) != nargs:
+                raise ValueError(f"expected {nargs} values separated by spaces")
+            return tuple(cast(part) for part in parts)
+
+        value = env_default(flag, default, cast_all, env)
     group.add_argument(
+        *aliases,
         flag,
         type=cast,
-        default=env_default(flag, default, cast),
+        default=value,
         choices=choices,
         metavar=metavar,
+        nargs=nargs,
         help=f"{help} [{note}]".replace("%", "%%"),
     )
 
 
-def add_switch(group: Any, flag: str, help: str) -> None:
+def add_switch(group: Any, flag: str, help: str, scope: str = "") -> None:
     """An on/off option, off unless given (or STEPSCORE_<FLAG>=1)."""
+    env = env_name(flag, scope)
     group.add_argument(
         flag,
         action="store_true",
-        default=env_default(flag, False, env_flag),
-        help=f"{help} [env {env_name(flag)}=1]".replace("%", "%%"),
+        default=env_default(flag, False, env_flag, env),
+        help=f"{help} [env {env}=1]".replace("%", "%%"),
+    )
+
+
+def add_bundle_arg(p: argparse.ArgumentParser, nargs: str = "?") -> None:
+    """The positional BUNDLE every subcommand that scores takes, in the same place with the same default."""
+    p.add_argument(
+        "bundle",
+        nargs=nargs,
+        metavar="BUNDLE",
+        default=env_default("bundle", None, str),
+        help="bundle directory written by `stepscore export` [env STEPSCORE_BUNDLE; default: the embedded model]",
     )
 
 

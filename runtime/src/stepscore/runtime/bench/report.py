@@ -195,9 +195,14 @@ def write_report(
     meta = dict(meta or {})
     json_path = out / "results.json"
     json_path.write_text(json.dumps({"meta": meta, "points": [s.to_json() for s in summaries]}, indent=1), encoding="utf-8")
-    plots, note = plot_latency(summaries, out)
+    partial = list(meta.get("partial", []))
+    plots, note = plot_latency(summaries, out, partial=bool(partial))
     md_path = out / "results.md"
-    md = ["# stepscore bench", ""]
+    md = ["# stepscore bench" + (" (PARTIAL RUN)" if partial else ""), ""]
+    if partial:
+        # a partial run's figures must never read as a complete result
+        md += ["**Partial run**: these parts were not measured, so the tables and plots below are incomplete:", ""]
+        md += [f"- {line}" for line in partial] + [""]
     for key in ("command", "started", "machine", "gpus", "model", "device"):
         if key in meta:
             md.append(f"- {key}: {meta[key]}")
@@ -221,8 +226,9 @@ def write_report(
     return ReportFiles(json_path, md_path, plots, note)
 
 
-def plot_latency(summaries: Sequence[Summary], out: Path) -> tuple[list[Path], str]:
-    """latency_<workload>.png: p50 and p99 against requests/s, one line per system and loop."""
+def plot_latency(summaries: Sequence[Summary], out: Path, partial: bool = False) -> tuple[list[Path], str]:
+    """latency_<workload>.png: p50 and p99 against requests/s, one line per system and loop (titled as a
+    partial run's when `partial`)."""
     try:
         import matplotlib
 
@@ -246,7 +252,7 @@ def plot_latency(summaries: Sequence[Summary], out: Path) -> tuple[list[Path], s
                 style = "-o" if mode == "closed" else "--s"
                 color = f"C{systems.index(system) % 10}"
                 ax.plot(xs, ys, style, color=color, label=f"{system} ({mode} loop)", markersize=4)
-            ax.set_title(f"{workload}: latency {key}")
+            ax.set_title(f"{workload}: latency {key}" + (" (PARTIAL RUN)" if partial else ""))
             ax.set_xlabel("throughput (requests/s)")
             ax.set_ylabel(f"{key} latency (ms)")
             ax.set_yscale("log")

@@ -174,6 +174,18 @@ def sample_chain(
     return Chain(steps, labels, first)
 
 
+def next_step(problem: Problem, k: int, value: int, rng: random.Random, p_error: float = 0.3) -> tuple[str, int]:
+    """The policy's step k from the value the chain has reached: (step text, value it states). With
+    probability `p_error` it is a slip; the value stated is carried forward either way. A search over the
+    policy (the benchmark's beam search) extends a kept chain one step at a time with this."""
+    op, b = problem.ops[k]
+    if rng.random() < p_error:
+        a2, op2, b2, c = _mistake(rng, value, op, b)
+        return f"{a2}{op2}{b2}={c}", c
+    c = apply(value, op, b)
+    return f"{value}{op}{b}={c}", c
+
+
 def sample_training_chain(
     problem: Problem, rng: random.Random, p_step_error: float, mistake_weights: Sequence[float] | None = None
 ) -> Chain:

@@ -25,6 +25,7 @@ from stepscore.errors import StepscoreError
 from stepscore.runtime.default_model import default_checkpoint
 from stepscore.runtime.default_model.arith import Chain, Problem, majority_vote
 from stepscore.runtime.default_model.evaluate import held_out
+from stepscore.runtime.flags import add_flag
 from stepscore.runtime.types import ScoreRequest
 
 
@@ -34,9 +35,9 @@ def add_parser(sub: Any) -> None:
         help="export, serve and search with the embedded arithmetic PRM",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--problems", type=int, default=200, help="held-out problems to search (default 200)")
-    p.add_argument("-n", type=int, default=8, help="chains sampled per problem (default 8)")
-    p.add_argument("--seed", type=int, default=2026)
+    add_flag(p, "--problems", 200, int, "held-out problems to search", scope="demo")
+    add_flag(p, "--chains", 8, int, "chains sampled per problem", aliases=("-n",), scope="demo")
+    add_flag(p, "--seed", 2026, int, "seed of the problems and chains", scope="demo")
     p.set_defaults(run=run_demo)
 
 
@@ -103,14 +104,16 @@ def run_demo(args: argparse.Namespace) -> int:
         proc, target = _start_server(bundle)
         try:
             print(f"      ready on {target}", file=out)
-            data = held_out(args.seed, args.problems, args.n)
+            data = held_out(args.seed, args.problems, args.chains)
             n_steps = sum(len(c.steps) for _, chains in data for c in chains)
             print(
-                f"\n[3/4] search  best-of-{args.n} on {args.problems} held-out problems over gRPC (one ScoreStream)", file=out
+                f"\n[3/4] search  best-of-{args.chains} on {args.problems} held-out problems over gRPC (one ScoreStream)",
+                file=out,
             )
             scores, seconds = asyncio.run(_search(target, data))
             print(
-                f"      {args.problems} requests, {args.problems * args.n} chains, {n_steps} steps scored in {seconds:.2f} s",
+                f"      {args.problems} requests, {args.problems * args.chains} chains, {n_steps} steps scored "
+                f"in {seconds:.2f} s",
                 file=out,
             )
             shown = [i for i, (_, chains) in enumerate(data) if any(c.first_error >= 0 for c in chains)][:2]
@@ -126,7 +129,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 picks["random"] += rng.choice(chains).final == problem.answer
                 picks["oracle"] += any(c.final == problem.answer for c in chains)
             n = len(data)
-            print(f"\n      selection of 1 of {args.n} chains      accuracy", file=out)
+            print(f"\n      selection of 1 of {args.chains} chains      accuracy", file=out)
             for key, label in (
                 ("prm", "PRM, min step score"),
                 ("majority", "majority vote"),

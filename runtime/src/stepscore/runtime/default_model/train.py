@@ -99,13 +99,13 @@ def write_tokenizer(folder: Path) -> None:
 
 def format_spec(folder: Path) -> tuple[FormatSpec, int]:
     """The format `stepscore export` will derive for this checkpoint (same code path)."""
-    from stepscore.export.families import format_for
+    from stepscore.export.formats import choices, format_for
     from stepscore.export.presets import PRESETS, ExportOptions
     from stepscore.export.tokenizer import load_tokenizer
-    from stepscore.runtime.bundle import HeadSpec
 
     tok = load_tokenizer(folder)
-    spec, _ = format_for(PRESETS["qwen-prm"], tok, ExportOptions(**EXPORT_OPTIONS), HeadSpec("token_cls", "softmax1", 2))
+    preset = PRESETS["qwen-prm"]
+    spec, _ = format_for(preset, tok, choices(preset, tok, ExportOptions(**EXPORT_OPTIONS), preset.separator))
     return spec, tok.vocab_size
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from stepscore.runtime.flags import (
+    add_bundle_arg,
     add_engine_args,
     add_flag,
     add_switch,
     bundle_path,
     engine_config,
     engine_devices,
-    env_default,
 )
 from stepscore.runtime.service.config import ServerConfig
 
@@ -33,12 +33,7 @@ def add_parser(sub: Any) -> None:
         "reflection, bearer-token auth, TLS/mTLS and Prometheus metrics. SIGTERM drains gracefully. "
         "Every flag can be given as an environment variable STEPSCORE_<FLAG>, e.g. STEPSCORE_PORT=50051.",
     )
-    p.add_argument(
-        "bundle",
-        nargs="?",
-        default=env_default("bundle", None, str),
-        help="bundle directory (default: the embedded default model)",
-    )
+    add_bundle_arg(p)
     g = p.add_argument_group("server")
     add_flag(g, "--host", d.host, str, "bind address")
     add_flag(g, "--port", d.port, int, "0 picks a free port")
@@ -51,7 +46,14 @@ def add_parser(sub: Any) -> None:
     add_flag(g, "--metrics-port", 0, int, "serve Prometheus metrics on this port", shown="off")
     add_switch(g, "--reflection", "enable gRPC server reflection (for grpcurl)")
     add_flag(g, "--grace-seconds", d.grace_seconds, float, "how long in-flight calls may take to finish on SIGTERM")
-    add_flag(g, "--log-level", "warning", str, "logging level", choices=("debug", "info", "warning", "error"))
+    add_flag(
+        g,
+        "--log-level",
+        "info",
+        str,
+        "logging level (info: one line at start-up and one at shutdown)",
+        choices=("debug", "info", "warning", "error"),
+    )
     add_engine_args(p)
     p.set_defaults(run=run_serve)
 

@@ -86,6 +86,10 @@ class Server:
             try:
                 self.metrics.serve(self.config.host, self.config.metrics_port)
             except OSError as exc:
+                # stop what already started, inside the event loop: left to the garbage collector, the gRPC
+                # server's shutdown would run after the loop closed and print a traceback after the error line
+                await self.server.stop(None)
+                await self.engine.close(drain_timeout=0)
                 raise ConfigError(f"cannot serve metrics on port {self.config.metrics_port}: {exc.strerror}") from exc
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -109,9 +113,21 @@ class Server:
             loop.add_signal_handler(sig, stop.set)
         await self.start()
         scheme = "grpcs" if self.config.tls_cert else "grpc"
-        log.warning("serving %s on %s://%s:%d", self.engine.bundle.path, scheme, self.config.host, self.port)
+        info = self.engine.info()
+        metrics = f", metrics on :{self.config.metrics_port}" if self.config.metrics_port else ""
+        log.info(
+            "serving %s (%s, %s) on %s://%s:%d, devices %s%s",
+            info.model,
+            info.preset,
+            info.precision,
+            scheme,
+            self.config.host,
+            self.port,
+            ",".join(info.devices),
+            metrics,
+        )
         if ready is not None:
             ready(self)
         await stop.wait()
-        log.warning("shutting down: draining for up to %.0fs", self.config.grace_seconds)
+        log.info("shutting down: draining for up to %.0fs", self.config.grace_seconds)
         await self.shutdown()
