@@ -354,3 +354,55 @@ def test_several_backends_share_one_queue(tiny_bundle: Callable[..., Path]) -> N
         assert all(b.batches for b in backends)  # both devices took batches from the one queue
 
     asyncio.run(run())
+
+
+class Boom(RuntimeError):
+    """A fault injected by the test."""
+
+
+@pytest.mark.parametrize("stage", ["tokenize", "queue", "pack", "run", "nan", "cancel", "deadline"])
+def test_admission_ends_at_zero_whatever_fails(
+    tiny_bundle: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """The request's permit is released exactly once on every path: after a fault at each stage the
+    queue gauges are back at zero and the engine still answers."""
+    import stepscore.runtime.scheduler as scheduler_module
+
+    bundle = tiny_bundle("trl")
+
+    def fault(*args: Any, **kwargs: Any) -> Any:
+        raise Overloaded("injected") if stage == "queue" else Boom(f"injected at {stage}")
+
+    async def run() -> None:
+        engine, backend = _engine(bundle, EngineConfig(max_wait_ms=0), gated=stage in ("cancel", "deadline"))
+        scheduler = engine._scheduler
+        target: dict[str, tuple[object, str]] = {
+            "tokenize": (engine.formatter, "format_request"),
+            "queue": (scheduler.core, "add"),  # the real size does not fit after tokenization
+            "pack": (scheduler_module, "pack"),
+            "run": (backend, "run"),
+        }
+        if stage in target:
+            obj, name = target[stage]
+            monkeypatch.setattr(obj, name, fault)
+        backend.nan_token = 41 if stage == "nan" else None
+        async with engine:
+            request = _marked(41 if stage == "nan" else 12)
+            if stage == "deadline":
+                request = ScoreRequest("", [TokenIds([12] * 20, [19])], deadline=time.monotonic() + 0.05)
+            task = asyncio.create_task(engine.score(request))
+            if stage == "cancel":
+                await _until_entered(backend)  # in flight on the held device
+                task.cancel()
+            outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+            assert isinstance(outcome, BaseException), outcome
+            assert engine.queue_depth == 0 and engine.queued_tokens == 0, stage
+            assert scheduler.core.unfinished == 0 and scheduler.core.queued_candidate_tokens == 0
+            # with the fault gone the engine answers again
+            monkeypatch.undo()
+            backend.nan_token = None
+            backend.proceed.set()
+            result = await engine.score(_marked(14))
+            assert result.candidates and engine.queue_depth == 0
+
+    asyncio.run(run())
