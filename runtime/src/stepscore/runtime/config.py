@@ -67,6 +67,9 @@ class EngineConfig:
     # a run's fixed cost in tokens: mixed-length batches run one length class at a time when that saves
     # more than it costs; -1 = the device's default (default_run_overhead), 0 = always one run per batch
     run_overhead_tokens: float = -1.0
+    # time a few shapes at start-up and derive attention_cost, plain_cost and run_overhead_tokens (those left
+    # at -1) from the fit (stepscore.runtime.costmodel); cached in the bundle folder when writable
+    measure_cost: bool = True
     tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
     io_binding: bool | None = None  # None = on for CUDA, off for CPU

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ConfigError, DeadlineExceeded, InvalidRequest, Unavailable
+from stepscore.runtime import costmodel
 from stepscore.runtime.aggregates import aggregate
 from stepscore.runtime.backend import Backend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
@@ -34,6 +36,8 @@ from stepscore.runtime.packing import PackedBatch
 from stepscore.runtime.scheduler import Scheduler, SchedulerStats
 from stepscore.runtime.types import AGGREGATES, CandidateScore, Formatted, ScoreRequest, ScoreResult, Timing, TokenIds
 from stepscore.version import __version__
+
+log = logging.getLogger(__name__)
 
 
 def validate_request(request: ScoreRequest) -> None:
@@ -78,6 +82,38 @@ def estimate_tokens(request: ScoreRequest) -> int:
         else:
             total += (context + sum(len(s.encode()) for s in cand)) // 4 + len(cand) + len(request.prefix_steps)
     return total
+
+
+def measured_config(bundle: Bundle, backend: Backend, config: EngineConfig) -> EngineConfig:
+    """`config` with the cost ratios it leaves to the engine (-1) taken from the device's measured cost model."""
+    wanted = {"attention_cost": config.attention_cost, "plain_cost": config.plain_cost}
+    wanted["run_overhead_tokens"] = config.run_overhead_tokens
+    if not config.measure_cost or all(v >= 0 for v in wanted.values()):
+        return config
+    import onnxruntime
+
+    m = bundle.manifest
+    key = costmodel.cache_key(m.files[m.graph.file].sha256, backend.device, config.intra_op_threads, onnxruntime.__version__)
+    model = costmodel.load_cached(bundle.path, key)
+    if model is None:
+        started = time.perf_counter()
+        max_row = min(m.model.max_row_tokens, max(config.row_tokens, 1024))
+        model = costmodel.measure(backend.run, backend.plain_rows, config.max_batch_tokens, max_row)
+        log.info("measured the run cost on %s in %.2fs", backend.device, time.perf_counter() - started)
+        costmodel.store(bundle.path, key, model)
+    measured = {
+        "attention_cost": model.attention_cost(),
+        "plain_cost": model.plain_cost(),
+        "run_overhead_tokens": model.run_overhead_tokens(),
+    }
+    updates = {k: v for k, v in measured.items() if wanted[k] < 0 and v is not None}
+    log.info("cost model on %s: %s", backend.device, ", ".join(f"{k} {v:.3g}" for k, v in updates.items()))
+    return replace(
+        config,
+        attention_cost=updates.get("attention_cost", config.attention_cost),
+        plain_cost=updates.get("plain_cost", config.plain_cost),
+        run_overhead_tokens=updates.get("run_overhead_tokens", config.run_overhead_tokens),
+    )
 
 
 def _device_list(device: str, devices: Iterable[int | str] | None) -> list[str]:
@@ -157,7 +193,7 @@ class Engine:
             backend = OrtBackend(bundle.graph_path, dev, threads=threads, io_binding=config.io_binding, plain_graph_path=plain)
             backend.warmup()
             backends.append(backend)
-        return cls(bundle, backends, config)
+        return cls(bundle, backends, measured_config(bundle, backends[0], config))
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -153,7 +153,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         d.plain_cost,
         float,
         "a plain-row token's cost relative to a tree-row token, for --plain-rows auto",
-        shown="0.9 on CPU, 0.75 on CUDA",
+        shown="measured at start-up (else 0.9 on CPU, 0.75 on CUDA)",
     )
     add_flag(
         g,
@@ -162,7 +162,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         float,
         "a run's fixed cost in tokens: batches of mixed lengths run one length class at a time when that is "
         "cheaper (0: always one run per batch)",
-        shown="16 on CPU, off on CUDA",
+        shown="measured at start-up (else 16 on CPU, off on CUDA)",
+    )
+    add_switch(
+        g,
+        "--no-cost-model",
+        "do not time the graph at start-up (cached in the bundle folder); use the fixed per-device defaults",
     )
     add_switch(g, "--no-verify", "skip the sha256 check of the bundle's files at load (sizes are still checked)")
 
@@ -182,6 +187,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         plain_cost=args.plain_cost,
         run_overhead_tokens=args.run_overhead_tokens,
         verify_bundle=not args.no_verify,
+        measure_cost=not args.no_cost_model,
     )
 
 
