@@ -162,21 +162,22 @@ def _marked(token: int, n: int = 20) -> ScoreRequest:
     return ScoreRequest("", [TokenIds([token] * n, [n - 1])], request_id=f"marker-{token}")
 
 
-def _queued_events(engine: Engine) -> list[asyncio.Event]:
-    """One event per request the engine queues from now on, set when it reaches the scheduler."""
-    events: list[asyncio.Event] = []
-    scheduler = engine._scheduler
-    real = scheduler.submit
+def _count_calls(obj: object, name: str, wanted: int) -> asyncio.Event:
+    """Wrap the method `name` of `obj` (called on the event loop): the event is set at its `wanted`th call."""
+    event = asyncio.Event()
+    real = getattr(obj, name)
+    calls = 0
 
-    def submit(*args: Any, **kwargs: Any) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
         out = real(*args, **kwargs)
-        event = asyncio.Event()
-        event.set()
-        events.append(event)
+        calls += 1
+        if calls >= wanted:
+            event.set()
         return out
 
-    scheduler.submit = submit  # type: ignore[method-assign]
-    return events
+    setattr(obj, name, counted)
+    return event
 
 
 async def _until_entered(backend: Recording) -> None:
@@ -189,16 +190,15 @@ def test_cancelled_and_expired_requests_are_dropped_before_compute(tiny_bundle: 
     async def run() -> None:
         engine, backend = _engine(bundle, EngineConfig(max_wait_ms=0), gated=True)
         async with engine:
-            queued = _queued_events(engine)
             busy = asyncio.create_task(engine.score(_marked(11)))
             await _until_entered(backend)  # the device is held by `busy`: nothing else can run
+            queued = _count_calls(engine._scheduler, "submit", 3)
             doomed = asyncio.create_task(engine.score(_marked(12)))
             expiring = asyncio.create_task(
                 engine.score(ScoreRequest("", [TokenIds([13] * 20, [19])], deadline=time.monotonic() + 0.05))
             )
             kept = asyncio.create_task(engine.score(_marked(14)))
-            while len(queued) < 4:  # each reached the queue (tokenization runs on a worker thread)
-                await asyncio.sleep(0)
+            await queued.wait()  # the three reached the queue (tokenization runs on a worker thread)
             doomed.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await doomed
@@ -230,8 +230,9 @@ def test_overload_is_refused_before_tokenization(tiny_bundle: Callable[..., Path
 
         engine.formatter.format_request = counting  # type: ignore[method-assign]
         async with engine:
+            admitted = _count_calls(engine._scheduler, "admit", 2)
             first = [asyncio.create_task(engine.score(_marked(20 + i))) for i in range(2)]
-            await asyncio.sleep(0)  # both take their permits (admission runs before the first await)
+            await admitted.wait()  # both hold their permits
             assert engine.queue_depth == 2
             with pytest.raises(Overloaded, match="queue full"):
                 await engine.score(_marked(30))

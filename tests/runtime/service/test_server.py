@@ -60,6 +60,13 @@ def _metric(port: int, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
+def _wait_metric(port: int, name: str, timeout: float = 300.0) -> None:
+    """Return once the live server's metric `name` is at least 1 (each check is one scrape)."""
+    deadline = time.monotonic() + timeout
+    while _metric(port, name) < 1:
+        assert time.monotonic() < deadline, f"{name} stayed at 0"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,8 +228,7 @@ def test_deadline_is_deadline_exceeded_and_counted(slow_bundle: Path) -> None:
             async with AsyncClient(s.target) as client:
                 busy = asyncio.create_task(client.score(PROBLEM, _heavy(600)))
                 # once its first batch ran, the rest of the heavy request is queued ahead of the next call
-                while _metric(metrics_port, "stepscore_batches_total") < 1:
-                    await asyncio.sleep(0)  # lets the call above proceed; the condition is the server's
+                await asyncio.get_running_loop().run_in_executor(None, _wait_metric, metrics_port, "stepscore_batches_total")
                 with pytest.raises(DeadlineExceeded):
                     await client.score(PROBLEM, [["expiring step"]], timeout=0.2)
                 await busy
@@ -245,8 +251,7 @@ def test_sigterm_drains_then_exits_zero(slow_bundle: Path) -> None:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             inflight = pool.submit(lambda: Client(s.target).score(PROBLEM, _heavy(200)))
-            while _metric(metrics_port, "stepscore_queue_depth") < 1:  # the heavy call is admitted
-                pass
+            _wait_metric(metrics_port, "stepscore_queue_depth")  # the heavy call is admitted
             s.proc.send_signal(15)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
