@@ -293,7 +293,7 @@ def test_bearer_token(bundle: Path) -> None:
                     async for _ in client.score_stream([ScoreRequest(PROBLEM, [GOOD], request_id="a")]):
                         pass
                 # a refused stream with many requests still reports UNAUTHENTICATED, every time (grpcio's
-                # asyncio client turns a write racing the refusal into INTERNAL unless the client waits)
+                # asyncio client turns a write racing the refusal into INTERNAL; the client asks again, unary)
                 many = [ScoreRequest(PROBLEM, [GOOD], request_id=f"r{i}") for i in range(20)]
                 for _ in range(30):
                     with pytest.raises(Unauthenticated):

@@ -59,6 +59,10 @@ def test_round_trip_keeps_type_field_and_id(exc: StepscoreError) -> None:
     status = to_status(exc)
     back = from_status(status.code, status.message, status.field, status.error_id)
     # the client gets the most general type of the code's row (ContextTooLong comes back as InvalidRequest)
+    if status.code == grpc.StatusCode.INTERNAL and not status.error_id:
+        # an INTERNAL without the server's error id could be gRPC's own: the client keeps it general
+        assert type(back) is StepscoreError and str(exc) in str(back)
+        return
     row = next(cls for cls, code in TABLE if code == status.code)
     assert isinstance(back, row)
     if isinstance(exc, InvalidRequest):

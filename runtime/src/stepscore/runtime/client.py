@@ -16,8 +16,6 @@ Overloaded, DeadlineExceeded, InternalError with its `error_id`, ...), through t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
@@ -152,6 +150,13 @@ class Client(_Base):
         self.close()
 
 
+def _lost_status(err: grpc.RpcError) -> bool:
+    """grpcio's own INTERNAL for a write that raced the end of a stream (the server's status is lost)."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else ""
+    return code == grpc.StatusCode.INTERNAL and "Internal error from Core" in (details or "")
+
+
 class AsyncClient(_Base):
     """asyncio client; `score_stream` is an async iterator over answers in completion order."""
 
@@ -173,10 +178,20 @@ class AsyncClient(_Base):
 
     async def score_stream(self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> AsyncIterator[StreamItem]:
         """Send requests on one stream; yield each answer as soon as the server sends it."""
-        call = self._stub.ScoreStream(timeout=self._timeout, metadata=self._metadata)
-        writer = asyncio.create_task(self._write_all(call, requests))
+
+        async def produce() -> AsyncIterator[Any]:
+            if isinstance(requests, Sequence):
+                for r in requests:
+                    yield request_to_proto(r)
+            else:
+                async for r in requests:
+                    yield request_to_proto(r)
+
+        call = self._stub.ScoreStream(produce(), timeout=self._timeout, metadata=self._metadata)
+        answered = False
         try:
             async for msg in call:
+                answered = True
                 if msg.WhichOneof("result") == "response":
                     yield StreamItem(msg.request_id, result=result_from_proto(msg.response))
                 else:
@@ -184,47 +199,23 @@ class AsyncClient(_Base):
                     error = from_status(code, msg.error.message, msg.error.field, msg.error.error_id)
                     yield StreamItem(msg.request_id, error=error)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            error = from_rpc_error(err)
+            if not answered and _lost_status(err):
+                error = await self._why_refused(error)
+            raise error from None
         finally:
             call.cancel()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
 
-    @staticmethod
-    async def _write_all(call: Any, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> None:
-        """Write the requests; the second only once the server has accepted the stream (its initial
-        metadata), so that a stream refused at once (bad token, overload) reports its real status: grpcio's
-        asyncio client replaces the server's status with INTERNAL "Internal error from Core" when a write
-        races the end of the call (grpc/grpc#36066). The first write cannot race: it is what opens the call.
-        A failed write means the call ended; its status reaches the reader, which reports it."""
-
-        async def accepted() -> bool:
-            opened = asyncio.ensure_future(call.initial_metadata())
-            ended = asyncio.ensure_future(call.code())
-            await asyncio.wait((opened, ended), return_when=asyncio.FIRST_COMPLETED)
-            opened.cancel()
-            ended.cancel()
-            return not call.done()
-
-        async def each() -> AsyncIterator[ScoreRequest]:
-            if isinstance(requests, Sequence):
-                for r in requests:
-                    yield r
-            else:
-                async for r in requests:
-                    yield r
-
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            count = 0
-            async for request in each():
-                if count == 1 and not await accepted():
-                    return
-                await call.write(request_to_proto(request))
-                count += 1
-            if count <= 1 and not await accepted():
-                return
-            await call.done_writing()
+    async def _why_refused(self, fallback: StepscoreError) -> StepscoreError:
+        """The real reason a stream was refused at once. grpcio's asyncio client reports INTERNAL "Internal
+        error from Core" instead of the server's status when one of its writes races the end of the call
+        (grpc/grpc#36066); a unary call with the same credentials meets the same refusal (a bad token, a
+        draining server) and reports it faithfully. If that call succeeds, the stream's error stands."""
+        try:
+            await self._stub.Info(pb.InfoRequest(), timeout=self._timeout or 10.0, metadata=self._metadata)
+        except grpc.RpcError as err:
+            return from_rpc_error(err)
+        return fallback
 
     async def close(self) -> None:
         await self._channel.close()

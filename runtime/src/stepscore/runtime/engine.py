@@ -99,7 +99,7 @@ def measured_config(bundle: Bundle, backend: Backend, config: EngineConfig) -> E
         started = time.perf_counter()
         max_row = min(m.model.max_row_tokens, max(config.row_tokens, 1024))
         model = costmodel.measure(backend.run, backend.plain_rows, config.max_batch_tokens, max_row)
-        log.info("measured the run cost on %s in %.2fs", backend.device, time.perf_counter() - started)
+        log.debug("measured the run cost on %s in %.2fs", backend.device, time.perf_counter() - started)
         costmodel.store(bundle.path, key, model)
     measured = {
         "attention_cost": model.attention_cost(),
@@ -107,7 +107,7 @@ def measured_config(bundle: Bundle, backend: Backend, config: EngineConfig) -> E
         "run_overhead_tokens": model.run_overhead_tokens(),
     }
     updates = {k: v for k, v in measured.items() if wanted[k] < 0 and v is not None}
-    log.info("cost model on %s: %s", backend.device, ", ".join(f"{k} {v:.3g}" for k, v in updates.items()))
+    log.debug("cost model on %s: %s", backend.device, ", ".join(f"{k} {v:.3g}" for k, v in updates.items()))
     return replace(
         config,
         attention_cost=updates.get("attention_cost", config.attention_cost),

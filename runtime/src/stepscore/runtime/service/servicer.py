@@ -123,8 +123,6 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         return result_to_proto(result)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        # accept the stream at once: clients wait for this before their second write (see AsyncClient)
-        await context.send_initial_metadata(())
         answers: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         seen: set[str] = set()
