@@ -12,6 +12,7 @@ from stepscore.errors import (
     ConfigError,
     DeadlineExceeded,
     InvalidRequest,
+    MessageTooLarge,
     ModelOutputError,
     Overloaded,
     StepscoreError,
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 _CODES: tuple[tuple[type[StepscoreError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),  # includes ContextTooLong
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (MessageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
