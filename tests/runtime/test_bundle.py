@@ -15,6 +15,7 @@ import pytest
 from stepscore.errors import BundleError
 from stepscore.runtime.bundle import DIGEST_KEY, Manifest, load_bundle, manifest_digest, write_manifest
 from tests.helpers.bundles import edit_manifest
+from tests.helpers.bundles import manifest_digest as helper_digest
 
 
 @pytest.fixture
@@ -175,3 +176,9 @@ def test_write_manifest_records_the_token_texts_and_the_digest(bundle_copy: Path
     write_manifest(bundle_copy, bare)
     again = load_bundle(bundle_copy).manifest
     assert again.head.tag_token == "Ċ" and again == loaded
+
+
+def test_the_digest_is_the_documented_one(bundle_copy: Path) -> None:
+    # tests/helpers/bundles.py computes it independently: canonical JSON of every key but the digest
+    obj = json.loads((bundle_copy / "manifest.json").read_text())
+    assert obj[DIGEST_KEY] == helper_digest(obj) == manifest_digest(obj)

@@ -28,7 +28,7 @@ from stepscore.errors import InvalidRequest, Unauthenticated
 from stepscore.runtime.client import AsyncClient, Client
 from stepscore.runtime.types import ScoreRequest
 from stepscore.v1 import stepscore_pb2 as pb
-from tests.helpers.bundles import edit_manifest, exported_bundle
+from tests.helpers.bundles import DIGEST_KEY, edit_manifest, exported_bundle, manifest_digest
 from tests.helpers.server import read_metric, serve
 
 PROBLEM = "What is (2+3)*4?"
@@ -118,14 +118,14 @@ def test_a_stream_that_is_never_read_is_held_then_cut_off(bundle: Path) -> None:
 def test_one_stream_holds_at_most_its_share_of_the_queue(slow_bundle: Path) -> None:
     """Defect 1: one stream could take all the queue's slots; another client waited, then was refused."""
     port = _free_port()
-    args = ("--max-queued-requests", "8", "--max-stream-inflight", "100", "--max-batch-tokens", "2048", "--row-tokens", "512")
+    args = ("--max-queued-requests", "8", "--max-batch-tokens", "2048", "--row-tokens", "512")
     with serve(slow_bundle, *args, "--metrics-port", str(port)) as s:
         with Client(s.target) as warm:
             warm.wait_ready()
 
         async def run() -> tuple[list[Any], Any]:
             async with AsyncClient(s.target) as greedy:
-                requests = [ScoreRequest(PROBLEM, _heavy(), request_id=f"g{k}") for k in range(30)]
+                requests = [ScoreRequest(PROBLEM, _heavy(40), request_id=f"g{k}") for k in range(12)]
                 answers: list[Any] = []
 
                 async def consume() -> None:
@@ -142,7 +142,7 @@ def test_one_stream_holds_at_most_its_share_of_the_queue(slow_bundle: Path) -> N
 
         answers, other = asyncio.run(run())
     assert len(other.candidates) == 1
-    assert len(answers) == 30 and all(a.error is None for a in answers)  # the stream waited instead of being refused
+    assert len(answers) == 12 and all(a.error is None for a in answers)  # the stream waited instead of being refused
 
 
 # --- 2 and 4. sizes are refused before any tokenization --------------------------------------------------
@@ -150,30 +150,29 @@ def test_one_stream_holds_at_most_its_share_of_the_queue(slow_bundle: Path) -> N
 
 def test_oversized_requests_are_refused_before_tokenization(bundle: Path) -> None:
     """Defects 2 and 4: a 15 MiB problem was tokenized before being refused (23 s); a million candidates too."""
-    big = str(32 << 20)
-    with serve(bundle, "--max-receive-message-bytes", big, "--max-candidates", "50") as s, Client(s.target) as client:
-        cases: list[tuple[Callable[[], Any], str, str]] = [
-            (lambda: client.score("word " * (3 << 20), [GOOD]), "problem", "the limit is 262144"),  # 15 MiB
-            (lambda: client.score(PROBLEM, [GOOD] * 51), "candidates", "the limit is 50"),
-            (lambda: client.score(PROBLEM, [["a"] * 1025]), "candidates[0].steps", "the limit is 1024"),
-            (lambda: client.score(PROBLEM, [GOOD, ["x" * 70_000]]), "candidates[1].steps[0]", "the limit is 65536"),
-            (lambda: client.score(PROBLEM, [GOOD], prefix_steps=["y" * 70_000]), "prefix_steps[0]", "65536"),
-            (lambda: client.score(PROBLEM, [["z" * 30_000] * 4] * 40), "request", "over 4194304 characters"),
-        ]
-        for call, field, message in cases:
-            with pytest.raises(InvalidRequest) as err:
-                call()
-            assert err.value.field == field and message in err.value.message, (field, err.value)
-        info = client.info()
-        assert (info["max_candidates"], info["max_problem_chars"], info["max_step_chars"]) == (50, 262144, 65536)
-        assert (info["max_steps_per_candidate"], info["max_request_chars"]) == (1024, 4194304)
-        assert info["max_stream_inflight"] == 64 and info["stream_stall_seconds"] == 30.0
-        assert client.score(PROBLEM, [GOOD]).candidates  # the server is fine
+    with serve(bundle, "--max-receive-message-bytes", str(32 << 20)) as s:
+        with Client(s.target, max_message_bytes=32 << 20) as client:
+            cases: list[tuple[Callable[[], Any], str, str]] = [
+                (lambda: client.score("word " * (3 << 20), [GOOD]), "problem", "the limit is 262144"),  # 15 MiB
+                (lambda: client.score(PROBLEM, [GOOD] * 1025), "candidates", "the limit is 1024"),
+                (lambda: client.score(PROBLEM, [["a"] * 1025]), "candidates[0].steps", "the limit is 1024"),
+                (lambda: client.score(PROBLEM, [GOOD, ["x" * 70_000]]), "candidates[1].steps[0]", "the limit is 65536"),
+                (lambda: client.score(PROBLEM, [GOOD], prefix_steps=["y" * 70_000]), "prefix_steps[0]", "65536"),
+                (lambda: client.score(PROBLEM, [["z" * 30_000] * 4] * 40), "request", "over 4194304 characters"),
+            ]
+            for call, field, message in cases:
+                with pytest.raises(InvalidRequest) as err:
+                    call()
+                assert err.value.field == field and message in err.value.message, (field, err.value)
+            info = client.info()
+            assert (info["max_candidates"], info["max_problem_chars"], info["max_step_chars"]) == (1024, 262144, 65536)
+            assert (info["max_steps_per_candidate"], info["max_request_chars"]) == (1024, 4194304)
+            assert info["max_stream_inflight"] == 64 and info["stream_stall_seconds"] == 30.0
+            assert client.score(PROBLEM, [GOOD]).candidates  # the server is fine
 
-    with serve(bundle, "--max-receive-message-bytes", big) as s:  # a million candidates (7 MB), default limits
         channel = grpc.insecure_channel(s.target, options=[("grpc.max_send_message_length", 32 << 20)])
         million = pb.ScoreRequest(problem=PROBLEM, candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))] * 1_000_000)
-        with pytest.raises(grpc.RpcError) as rpc:
+        with pytest.raises(grpc.RpcError) as rpc:  # 7 MB of candidates: refused by count, nothing converted
             _score(channel)(million)
         assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (rpc.value.details() or "").startswith("candidates: 1000000 candidates; the limit is 1024")
@@ -181,16 +180,20 @@ def test_oversized_requests_are_refused_before_tokenization(bundle: Path) -> Non
 
         async def stream() -> Any:  # in a stream, the request's own error; the stream goes on
             async with AsyncClient(s.target) as client:
-                return [
-                    item
-                    async for item in client.score_stream(
-                        [ScoreRequest("p" * 300_000, [GOOD], request_id="big"), ScoreRequest(PROBLEM, [GOOD], request_id="ok")]
-                    )
+                requests = [
+                    ScoreRequest("p" * 300_000, [GOOD], request_id="big"),
+                    ScoreRequest(PROBLEM, [GOOD], request_id="ok"),
                 ]
+                return [item async for item in client.score_stream(requests)]
 
         items = {item.request_id: item for item in asyncio.run(stream())}
         assert isinstance(items["big"].error, InvalidRequest) and items["big"].error.field == "problem"
         assert items["ok"].result is not None
+
+    with serve(bundle, "--max-candidates", "50") as s, Client(s.target) as client:  # the flags set the limits
+        with pytest.raises(InvalidRequest, match="51 candidates; the limit is 50"):
+            client.score(PROBLEM, [GOOD] * 51)
+        assert client.info()["max_candidates"] == 50
 
 
 def test_the_text_cache_is_bounded_in_bytes(bundle: Path) -> None:
@@ -356,8 +359,6 @@ def _outside_size(b: Path) -> None:
     edit_manifest(b, edit)
     m = json.loads((b / "manifest.json").read_text())
     m["files"]["../secret.bin"]["size"] = 1
-    from stepscore.runtime.bundle import DIGEST_KEY, manifest_digest
-
     m[DIGEST_KEY] = manifest_digest(m)
     (b / "manifest.json").write_text(json.dumps(m))
 
