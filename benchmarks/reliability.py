@@ -194,65 +194,115 @@ def attack_stream(args: argparse.Namespace) -> None:
     )
 
 
+def histogram_quantile(port: int, name: str, q: float, **labels: str) -> float:
+    """The upper bound of the bucket holding quantile `q` of a live server's histogram (Prometheus style)."""
+    from tests.helpers.server import metric_samples
+
+    buckets = sorted(
+        (float(le), count)
+        for le, count in (
+            (got["le"], value)
+            for got, value in metric_samples(port, name + "_bucket")
+            if all(got.get(k) == v for k, v in labels.items())
+        )
+        if le != "+Inf"
+    )
+    total = next(
+        (v for got, v in metric_samples(port, name + "_count") if all(got.get(k) == w for k, w in labels.items())), 0.0
+    )
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return bound
+    return float("inf")
+
+
 def attack_storm(args: argparse.Namespace) -> None:
-    """Heavy requests keep the queue full; `--clients` more call Score back to back; refusals are timed."""
+    """Heavy requests keep a small queue full; small Score calls arrive at --rate per second (open loop, so that
+    a slow answer does not slow the storm down), from --clients channels; every refusal is timed."""
     import grpc
 
     from stepscore.v1 import stepscore_pb2 as pb
     from tests.helpers.server import serve
 
-    heavy = pb.ScoreRequest(
-        problem=PROBLEM, candidates=[pb.Candidate(steps=pb.Steps(steps=steps_of(2000, k))) for k in range(32)]
-    )
-    small = pb.ScoreRequest(problem=PROBLEM, candidates=[pb.Candidate(steps=pb.Steps(steps=["2+3=5.", "5*4=20."]))])
-    server_args = ["--max-queued-requests", str(args.queue), *args.server_args]
+    heavy = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(*(steps_of(2000, k) for k in range(32))))
+    small = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(["2+3=5.", "5*4=20."]))
+    mport = free_port()
+    server_args = ["--max-queued-requests", str(args.queue), "--metrics-port", str(mport), *args.server_args]
 
     async def run(target: str) -> dict[str, Any]:
-        stop = time.monotonic() + args.seconds
+        channels = [grpc.aio.insecure_channel(target) for _ in range(args.clients + 1)]
+        stop = asyncio.Event()
         refused: list[float] = []
-        other: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
 
-        async def filler(channel: Any) -> None:
-            call = score_call(channel)
-            while time.monotonic() < stop:
+        async def filler() -> None:
+            call = score_call(channels[0])
+            while not stop.is_set():
                 try:
                     await call(heavy)
                 except grpc.RpcError:
                     await asyncio.sleep(0.001)
 
-        async def stormer(channel: Any) -> None:
-            call = score_call(channel)
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
-                try:
-                    await call(small)
-                    other["OK"] = other.get("OK", 0) + 1
-                except grpc.RpcError as err:
-                    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        refused.append(time.perf_counter() - t0)
-                    else:
-                        other[err.code().name] = other.get(err.code().name, 0) + 1
+        async def one(k: int) -> None:
+            t0 = time.perf_counter()
+            try:
+                await score_call(channels[1 + k % args.clients])(small)
+                code = "OK"
+            except grpc.RpcError as err:
+                code = err.code().name
+            outcomes[code] = outcomes.get(code, 0) + 1
+            if code == "RESOURCE_EXHAUSTED":
+                refused.append(time.perf_counter() - t0)
 
-        channels = [grpc.aio.insecure_channel(target) for _ in range(4)]
-        fillers = [asyncio.create_task(filler(channels[k % 2])) for k in range(args.queue + 2)]
+        fillers = [asyncio.create_task(filler()) for _ in range(args.queue + 2)]
         await asyncio.sleep(2.0)  # the queue fills
-        await asyncio.gather(*(stormer(channels[2 + k % 2]) for k in range(args.clients)))
+        calls: list[asyncio.Task[None]] = []
+        started = time.monotonic()
+        k = 0
+        while (elapsed := time.monotonic() - started) < args.seconds:
+            due = int(elapsed * args.rate) + 1
+            while k < due:
+                calls.append(asyncio.create_task(one(k)))
+                k += 1
+            await asyncio.sleep(0.0005)
+        await asyncio.gather(*calls)
+        stop.set()
         await asyncio.gather(*fillers)
-        for ch in channels:
-            await ch.close()
+        for channel in channels:
+            await channel.close()
         ms = [x * 1000 for x in refused]
+        method = "/stepscore.v1.StepScorer/Score"
         return {
-            "refusals": len(ms),
-            "refusal_p50_ms": round(percentile(ms, 0.5), 3),
-            "refusal_p99_ms": round(percentile(ms, 0.99), 3),
-            "refusal_max_ms": round(max(ms), 3) if ms else None,
-            "refusal_mean_ms": round(statistics.fmean(ms), 3) if ms else None,
-            "other_outcomes": other,
+            "calls": k,
+            "outcomes": outcomes,
+            "client_refusal_p50_ms": round(percentile(ms, 0.5), 3),
+            "client_refusal_p99_ms": round(percentile(ms, 0.99), 3),
+            "client_refusal_max_ms": round(max(ms), 3) if ms else None,
+            "server_refusal_p50_ms_at_most": histogram_quantile(
+                mport, "stepscore_call_seconds", 0.5, method=method, code="RESOURCE_EXHAUSTED"
+            )
+            * 1000,
+            "server_refusal_p99_ms_at_most": histogram_quantile(
+                mport, "stepscore_call_seconds", 0.99, method=method, code="RESOURCE_EXHAUSTED"
+            )
+            * 1000,
         }
 
     with serve(bundle(), *server_args) as server:
         figures = asyncio.run(run(server.target))
-    report(args, "storm", {"seconds": args.seconds, "clients": args.clients, "queue": args.queue, **figures})
+    load = os.getloadavg()
+    report(
+        args,
+        "storm",
+        {
+            "seconds": args.seconds,
+            "rate_per_s": args.rate,
+            "clients": args.clients,
+            "queue": args.queue,
+            **figures,
+            "machine_load_average_1min": round(load[0], 1),
+        },
+    )
 
 
 def attack_big(args: argparse.Namespace) -> None:
@@ -477,7 +527,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=61.0, help="stream, storm: how long the attack runs")
     parser.add_argument("--chars", type=int, default=10_000, help="stream: characters per request (~2,500 tokens)")
     parser.add_argument("--step-words", type=int, default=40, help="stream: words per step (fewer: more steps, longer answers)")
-    parser.add_argument("--clients", type=int, default=32, help="storm: concurrent callers")
+    parser.add_argument("--clients", type=int, default=32, help="storm: client channels the calls are spread over")
+    parser.add_argument("--rate", type=float, default=1000.0, help="storm: calls per second (open loop)")
     parser.add_argument("--queue", type=int, default=8, help="storm: --max-queued-requests of the server")
     parser.add_argument("--repeat", type=int, default=5, help="big: how many 15 MiB requests")
     parser.add_argument("--minutes", type=float, default=30.0, help="soak: duration")

@@ -50,7 +50,11 @@ class Metrics:
             registry=r,
         )
         self.call_latency = Histogram(
-            "stepscore_call_seconds", "Time from a call's arrival to its status", ["method"], buckets=_CALL_LATENCY, registry=r
+            "stepscore_call_seconds",
+            "Time from a call's arrival at the servicer's interceptors to its status, by method and status code",
+            ["method", "code"],
+            buckets=_CALL_LATENCY,
+            registry=r,
         )
         self.requests = Counter(
             "stepscore_requests",
@@ -125,7 +129,7 @@ class Metrics:
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         self.calls.labels(method, code).inc()
-        self.call_latency.labels(method).observe(seconds)
+        self.call_latency.labels(method, code).observe(seconds)
 
     _http: WSGIServer | None = None
     _serving = False
