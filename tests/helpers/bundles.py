@@ -8,10 +8,13 @@ exports into its own temporary folder.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,3 +41,31 @@ def exported_bundle(key: str, scratch: Path, build_model: Callable[[Path], Path]
         shutil.copytree(out, partial)
         partial.rename(Path(cache) / key)
     return out
+
+
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(obj: dict[str, Any]) -> str:
+    """The manifest digest as the format defines it (stepscore.runtime.bundle), written out independently here so
+    that the tests pin the format: sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of every key but
+    the digest's own."""
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
+def edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None], reseal: bool = True) -> None:
+    """Apply `edit` to a bundle's manifest.json. `reseal` recomputes the manifest's own digest, as someone who
+    edits a manifest on purpose would: what load refuses then is the edit's meaning, not the stale digest.
+    File hashes are recomputed for every file the manifest lists that exists (an edited path is pointed at a
+    copy of the same file)."""
+    path = directory / "manifest.json"
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    edit(obj)
+    for name, entry in obj.get("files", {}).items():
+        file = directory / name
+        if file.is_file():
+            entry["sha256"], entry["size"] = hashlib.sha256(file.read_bytes()).hexdigest(), file.stat().st_size
+    if reseal:
+        obj[DIGEST_KEY] = manifest_digest(obj)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")

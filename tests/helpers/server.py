@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,3 +77,20 @@ def serve(bundle: Path, *args: str, env: dict[str, str] | None = None, timeout: 
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def metric_samples(port: int, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of Prometheus metric `name` on a live server's metrics port: (labels, value)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = []
+    for line in text.splitlines():
+        match = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
+        if match is not None and match.group(1) == name:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+            out.append((labels, float(match.group(3))))
+    return out
+
+
+def read_metric(port: int, name: str, **labels: str) -> float:
+    """The sum of the samples of metric `name` whose labels include `labels` (0.0 when there are none)."""
+    return sum(value for got, value in metric_samples(port, name) if all(got.get(k) == v for k, v in labels.items()))

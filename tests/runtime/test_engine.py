@@ -223,10 +223,10 @@ def test_overload_is_refused_before_tokenization(tiny_bundle: Callable[..., Path
         calls = 0
         real = engine.formatter.format_request
 
-        def counting(request: ScoreRequest) -> Any:
+        def counting(request: ScoreRequest, guard: Callable[[], None] | None = None) -> Any:
             nonlocal calls
             calls += 1
-            return real(request)
+            return real(request, guard)
 
         engine.formatter.format_request = counting  # type: ignore[method-assign]
         async with engine:

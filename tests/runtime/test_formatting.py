@@ -1,16 +1,18 @@
-"""The formatter on every family: reads at the tags, injection-proof, truncation, token-id candidates."""
+"""The formatter on every family: reads at the tags, injection-proof, truncation, token-id candidates, a cache
+bounded in bytes, tokenization that stops between chunks."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from stepscore.errors import ContextTooLong, InvalidRequest
+from stepscore.errors import ContextTooLong, DeadlineExceeded, InvalidRequest
 from stepscore.runtime.bundle import load_bundle
-from stepscore.runtime.formatting import Formatter
+from stepscore.runtime.formatting import CHUNK_CHARS, Formatter
 from stepscore.runtime.types import ScoreRequest, TokenIds
 from tests.helpers.tiny_models import KINDS
 
@@ -86,3 +88,51 @@ def test_tokenization_cache_gives_identical_results(tiny_bundle: Callable[..., P
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.reads, b.reads)
+
+
+def test_the_cache_is_bounded_in_bytes(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+    m = load_bundle(bundle).manifest
+    budget = 256 * 1024
+    fmt = Formatter(m.format, bundle / "tokenizer.json", m.model.vocab_size, m.model.max_seq_len, cache_bytes=budget)
+    fresh = _formatter(bundle)
+    # a few hundred distinct long texts: far more than the budget, however few entries they are
+    for k in range(300):
+        problem = f"problem {k}: " + "add the numbers and check " * 80
+        req = ScoreRequest(problem, [[f"step {k} is fine"]], truncate_left=True)
+        got, want = fmt.format_request(req)[0], fresh.format_request(req)[0]
+        np.testing.assert_array_equal(got.ids, want.ids)  # eviction never changes a result
+        assert 0 < fmt.cache_bytes <= budget
+    # a text too large for a sixteenth of the budget is used but not kept
+    before = fmt.cache_bytes
+    fmt.format_request(ScoreRequest("x" * budget, [["a"]], truncate_left=True))
+    assert fmt.cache_bytes <= before + 2048
+
+
+def test_tokenization_stops_between_chunks_when_the_guard_says_so(tiny_bundle: Callable[..., Path]) -> None:
+    fmt = _formatter(tiny_bundle("qwen-prm"))
+    # 12 candidates of ~60k characters each: about 3 chunks of CHUNK_CHARS
+    req = ScoreRequest("p", [[f"candidate {k} " + "add then check " * 4000] for k in range(12)], truncate_left=True)
+    assert len("".join(step for cand in req.candidates for step in cand)) > 2 * CHUNK_CHARS  # type: ignore[union-attr]
+    encoded: list[int] = []
+    real = fmt._encode_runs
+
+    def counting(runs: Any) -> Any:
+        encoded.append(len(runs))
+        return real(runs)
+
+    fmt._encode_runs = counting  # type: ignore[method-assign]
+    assert len(fmt.format_request(req, lambda: None)) == 12
+    chunks, runs = len(encoded), sum(encoded)
+    assert chunks >= 3
+    encoded.clear()
+    checks: list[int] = []
+
+    def guard() -> None:
+        checks.append(1)
+        if len(checks) == 2:
+            raise DeadlineExceeded("the deadline passed while the request was being tokenized")
+
+    with pytest.raises(DeadlineExceeded):
+        fmt.format_request(req, guard)
+    assert len(encoded) == 1 and encoded[0] < runs  # one chunk tokenized, then it stopped

@@ -39,6 +39,11 @@ class Overloaded(StepscoreError):
     """The queue is full (requests or tokens). Retry later or lower the load."""
 
 
+class MessageTooLarge(StepscoreError):
+    """A request message is over the advertised size limit (InfoResponse.max_receive_message_bytes); gRPC
+    refuses it before it is read, with its own RESOURCE_EXHAUSTED."""
+
+
 class DeadlineExceeded(StepscoreError):
     """The request's deadline passed before its scores were computed."""
 

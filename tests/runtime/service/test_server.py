@@ -165,13 +165,31 @@ def test_left_truncation_over_grpc(server: ServerProcess) -> None:
     assert cand.num_tokens <= 512
 
 
+def _sized(size: int) -> bytes:
+    """A ScoreRequest serialized to exactly `size` bytes."""
+    msg = pb.ScoreRequest(problem="", candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))])
+    pad = size - msg.ByteSize()
+    msg.problem = "x" * pad
+    while msg.ByteSize() > size:  # the length prefix grew with the problem
+        msg.problem = msg.problem[:-1]
+    data = msg.SerializeToString()
+    assert len(data) == size
+    return data
+
+
 def test_message_size_limit_and_bad_bytes(server: ServerProcess) -> None:
     channel = grpc.insecure_channel(server.target)
     raw = channel.unary_unary("/stepscore.v1.StepScorer/Score")  # bytes in, bytes out
-    big = pb.ScoreRequest(problem="x" * 100_000, candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))])
-    with pytest.raises(grpc.RpcError) as err:
-        raw(big.SerializeToString())
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the limit" in err.value.details()
+    # the advertised limit (65536 here) is the limit: one byte over is refused by gRPC before it is read
+    # (it used to be accepted up to twice the limit, parsed, and only then refused)
+    for size in (65_537, 100_000, 131_000):
+        with pytest.raises(grpc.RpcError) as err:
+            raw(_sized(size))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, size
+        assert f"({size} vs. 65536)" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # at the limit: read, then refused for its content only
+        raw(_sized(65_536))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens long" in err.value.details()
     bad_utf8 = b"\x12\x03\xff\xfe\xfd"  # field 2 (problem) holding invalid UTF-8
     with pytest.raises(grpc.RpcError) as err:
         raw(bad_utf8)

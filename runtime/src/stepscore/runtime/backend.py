@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from stepscore.errors import ConfigError
+from stepscore.errors import BundleError, ConfigError
 from stepscore.runtime.bundle import INPUTS, OUTPUTS, PLAIN_INPUTS
 from stepscore.runtime.packing import PackedBatch
 
@@ -110,13 +110,22 @@ class OrtBackend:
         self._lock = threading.Lock()
 
     def _session(self, path: Path, opts: Any, providers: list[Any], contract: tuple[str, ...]) -> Any:
-        session = self._ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:
+            session = self._ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
+            # e.g. external data whose path leaves the bundle: one line, never a traceback
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = reason.split(" : ")[-1]  # drop "[ONNXRuntimeError] : 1 : FAIL : "
+            raise BundleError(f"{path.name}: onnxruntime refused the graph: {reason}") from None
         got = session.get_providers()
         if self._kind == "cuda" and got[0] != "CUDAExecutionProvider":
             raise ConfigError(f"onnxruntime could not start CUDA on {self.device!r} (providers: {got})")
         names = tuple(i.name for i in session.get_inputs())
         if names != contract:
-            raise ConfigError(f"{path}: graph inputs {names} are not the contract's {contract}")
+            raise BundleError(f"{path.name}: graph inputs {names} are not the contract's {contract}")
+        outputs = tuple(o.name for o in session.get_outputs())
+        if outputs != OUTPUTS:
+            raise BundleError(f"{path.name}: graph outputs {outputs} are not the contract's {OUTPUTS}")
         return session
 
     def run(self, batch: PackedBatch) -> F32Array:

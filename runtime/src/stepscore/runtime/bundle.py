@@ -1,9 +1,15 @@
 """The bundle: an exported directory (graph, tokenizer, manifest.json) and its one schema.
 
 Export writes bundles through `write_manifest`; the runtime reads them through `load_bundle`. Both sides
-use the dataclasses below, so the manifest has exactly one definition. Loading verifies the schema
-version and the size and sha256 of every file, so a tampered or truncated file is a `BundleError`,
-never a wrong score.
+use the dataclasses below, so the manifest has exactly one definition. Loading refuses, with a one-line
+`BundleError` and before anything is served:
+
+- a manifest whose own content no longer matches the digest written beside it (edited after export);
+- a path that is not a plain file name inside the bundle (`..`, absolute, a separator, a link leading out):
+  nothing outside the bundle folder is ever opened, so no error can tell anything about an outside file;
+- a file whose size or sha256 differs from the manifest (tampered or truncated);
+- a manifest that contradicts itself or its tokenizer: family and head disagree, the graph's outputs are
+  not the contract's, the tag or candidate ids do not decode to the token texts recorded beside them.
 
 The graph contract (input and output names, shapes and meaning) is documented in docs/graph-contract.md
 and pinned here by `GRAPH_CONTRACT` and the `INPUTS` / `OUTPUTS` tuples.
@@ -15,7 +21,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +30,8 @@ from stepscore.version import __version__
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# sha256 of the manifest's own content (every other key, canonical JSON), written last by write_manifest
+DIGEST_KEY = "manifest_sha256"
 
 # Version of the graph's calling convention; bumped when inputs/outputs change meaning.
 GRAPH_CONTRACT = 1
@@ -36,6 +44,13 @@ Family = Literal["token_cls", "lm_pair", "value_head", "seq_cls"]
 FAMILIES: tuple[Family, ...] = ("token_cls", "lm_pair", "value_head", "seq_cls")
 Precision = Literal["fp16", "fp32"]
 ScoreRule = Literal["softmax1", "pair_softmax0", "sigmoid", "identity"]
+# The heads each family reads out with: (score rule, number of labels).
+FAMILY_HEADS: dict[str, frozenset[tuple[str, int]]] = {
+    "token_cls": frozenset({("softmax1", 2)}),
+    "lm_pair": frozenset({("pair_softmax0", 2)}),
+    "value_head": frozenset({("sigmoid", 1)}),
+    "seq_cls": frozenset({("softmax1", 2), ("identity", 1), ("sigmoid", 1)}),
+}
 
 
 # --- format: how a problem and its steps become token ids ------------------------------------
@@ -201,6 +216,10 @@ class HeadSpec:
     num_labels: int
     candidate_ids: tuple[int, int] | None = None  # lm_pair: (good, bad) token ids
     tag_id: int | None = None  # the token a step's score is read at, when there is one
+    # The tokenizer's text of those ids (its vocabulary entries), recorded by write_manifest: load checks that
+    # the ids still decode to them, so an edited id is an error instead of silently wrong scores.
+    tag_token: str | None = None
+    candidate_tokens: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +295,7 @@ class Manifest:
             "head": {
                 **asdict(self.head),
                 "candidate_ids": list(self.head.candidate_ids) if self.head.candidate_ids else None,
+                "candidate_tokens": list(self.head.candidate_tokens) if self.head.candidate_tokens else None,
             },
             "format": self.format.to_json(),
             "graph": {
@@ -313,6 +333,8 @@ class Manifest:
                     num_labels=int(head["num_labels"]),
                     candidate_ids=tuple(head["candidate_ids"]) if head.get("candidate_ids") else None,
                     tag_id=head.get("tag_id"),
+                    tag_token=head.get("tag_token"),
+                    candidate_tokens=tuple(head["candidate_tokens"]) if head.get("candidate_tokens") else None,
                 ),
                 format=FormatSpec.from_json(obj["format"]),
                 graph=GraphSpec(
@@ -339,7 +361,41 @@ class Manifest:
                 f"graph contract {manifest.graph.contract} with inputs {manifest.graph.inputs} is not "
                 f"the contract {GRAPH_CONTRACT} {INPUTS} this runtime speaks; re-export the model"
             )
+        manifest.check_meaning()
         return manifest
+
+    def check_meaning(self) -> None:
+        """What the manifest says must hang together: the head is one its family has, the graph's outputs
+        are the contract's, every token id is inside the vocabulary and the step's read sits on the tag."""
+        head = self.head
+        if head.family != self.family:
+            raise BundleError(f"manifest family {self.family!r} but head.family {head.family!r}: they must agree")
+        if (head.score, head.num_labels) not in FAMILY_HEADS[self.family]:
+            raise BundleError(
+                f"manifest head (score {head.score!r}, {head.num_labels} labels) is not a {self.family} head; "
+                f"a {self.family} head is one of {sorted(FAMILY_HEADS[self.family])}"
+            )
+        if (self.family == "lm_pair") != (head.candidate_ids is not None):
+            raise BundleError(f"manifest head.candidate_ids must be set for lm_pair and only for it (family {self.family!r})")
+        if self.graph.outputs != OUTPUTS:
+            raise BundleError(
+                f"manifest graph.outputs {self.graph.outputs} are not the contract's {OUTPUTS}; re-export the model"
+            )
+        vocab = self.model.vocab_size
+        named: list[tuple[str, int | None]] = [("head.tag_id", head.tag_id)]
+        named += [(f"head.candidate_ids[{k}]", i) for k, i in enumerate(head.candidate_ids or ())]
+        for part in ("prompt", "step", "separator"):
+            for k, seg in enumerate(getattr(self.format, part)):
+                named += [(f"format.{part}[{k}].ids[{j}]", i) for j, i in enumerate(seg.ids or ())]
+                named.append((f"format.{part}[{k}].read.expect", seg.read.expect if seg.read else None))
+        for where, token in named:
+            if token is not None and not (isinstance(token, int) and 0 <= token < vocab):
+                raise BundleError(f"manifest {where} {token!r} is outside the vocabulary [0, {vocab})")
+        read = next(seg for seg in self.format.step if seg.read is not None)
+        if head.tag_id is not None and read.read is not None and read.read.offset == 0:
+            at = read.ids[-1] if read.ids else read.read.expect
+            if at is not None and at != head.tag_id:
+                raise BundleError(f"manifest head.tag_id {head.tag_id} is not the id the step's score is read at ({at})")
 
 
 # --- reading and writing ---------------------------------------------------------------------
@@ -357,11 +413,52 @@ def hash_files(directory: Path, names: Sequence[str]) -> dict[str, FileEntry]:
     return {name: FileEntry(sha256=sha256_file(directory / name), size=(directory / name).stat().st_size) for name in names}
 
 
+def manifest_digest(obj: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's content without its digest key: canonical JSON (sorted keys, no spaces, UTF-8)."""
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _tokenizer(directory: Path, manifest: Manifest) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(directory / manifest.tokenizer_file))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise BundleError(f"{manifest.tokenizer_file}: not a tokenizer the runtime can read ({exc})") from None
+
+
+def with_token_texts(directory: Path, manifest: Manifest) -> Manifest:
+    """The manifest with the tokenizer's text of its tag and candidate ids recorded (HeadSpec.tag_token,
+    candidate_tokens), for load to check them against."""
+    head = manifest.head
+    if head.tag_id is None and head.candidate_ids is None:
+        return manifest
+    tok = _tokenizer(directory, manifest)
+
+    def text(where: str, token: int) -> str:
+        got = tok.id_to_token(token)
+        if got is None:
+            raise BundleError(f"head.{where} {token} is not a token of {manifest.tokenizer_file}")
+        return str(got)
+
+    tag = text("tag_id", head.tag_id) if head.tag_id is not None else None
+    pair = tuple(text(f"candidate_ids[{k}]", i) for k, i in enumerate(head.candidate_ids)) if head.candidate_ids else None
+    for recorded, got in ((head.tag_token, tag), (head.candidate_tokens, pair)):
+        if recorded is not None and recorded != got:
+            raise BundleError(f"head token texts {recorded!r} disagree with the tokenizer's {got!r}")
+    return replace(manifest, head=replace(head, tag_token=tag, candidate_tokens=pair if pair is None else (pair[0], pair[1])))
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write manifest.json atomically (a crash never leaves a half-written manifest)."""
+    """Write manifest.json atomically (a crash never leaves a half-written manifest): the token texts of the
+    head's ids recorded, and the digest of the whole content last."""
+    obj = with_token_texts(directory, manifest).to_json()
+    obj[DIGEST_KEY] = manifest_digest(obj)
     path = directory / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -385,6 +482,55 @@ class Bundle:
         return self.path / self.manifest.tokenizer_file
 
 
+def _plain_name(where: str, name: object) -> str:
+    """A manifest path must be one plain file name: no separator, no '..', nothing absolute or drive-relative."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\:\0"):
+        raise BundleError(
+            f"manifest {where} {name!r} is not a plain file name inside the bundle (no '/', '..', drive or absolute path)"
+        )
+    return name
+
+
+def _named_paths(manifest: Manifest) -> list[tuple[str, str]]:
+    """(field, name) of every path the manifest holds."""
+    g = manifest.graph
+    out = [("graph.file", g.file), ("tokenizer.file", manifest.tokenizer_file)]
+    out += [(field, name) for field, name in (("graph.data_file", g.data_file), ("graph.plain_file", g.plain_file)) if name]
+    out += [(f"files[{name!r}]", name) for name in manifest.files]
+    return out
+
+
+def _contained(directory: Path) -> None:
+    """No link in the bundle folder may lead outside it (graphs name their external data by path too)."""
+    root = directory.resolve()
+    for top, dirs, files in os.walk(directory):
+        for entry in (*dirs, *files):
+            path = Path(top) / entry
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise BundleError(f"{directory}: {path.relative_to(directory)} is a link leading outside the bundle")
+
+
+def _check_tokens(directory: Path, manifest: Manifest) -> None:
+    head = manifest.head
+    checks: list[tuple[str, int, str | None]] = []
+    if head.tag_id is not None:
+        checks.append(("tag", head.tag_id, head.tag_token))
+    for k, token in enumerate(head.candidate_ids or ()):
+        checks.append((f"candidate {k}", token, head.candidate_tokens[k] if head.candidate_tokens else None))
+    if not checks:
+        return
+    tok = _tokenizer(directory, manifest)
+    for what, token, recorded in checks:
+        if recorded is None:
+            raise BundleError(f"manifest head records no token text for its {what} id {token}; re-export the model")
+        got = tok.id_to_token(token)
+        if got != recorded:
+            raise BundleError(
+                f"manifest {what} id {token} is {got!r} in the bundle's tokenizer, but the manifest records {recorded!r}: "
+                "the manifest was edited or belongs to another tokenizer; re-export the model"
+            )
+
+
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """Read and check a bundle. `verify=False` skips the sha256 pass (sizes are always checked)."""
     directory = Path(path)
@@ -393,11 +539,23 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         raise BundleError(f"{directory}: no such bundle directory (export one with `stepscore export MODEL OUT`)")
     if not manifest_path.is_file():
         raise BundleError(f"{directory}: no {MANIFEST_NAME}; is this a bundle written by `stepscore export`?")
+    _contained(directory)
     try:
         obj = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise BundleError(f"{manifest_path}: a manifest is a JSON object")
     manifest = Manifest.from_json(obj)
+    recorded = obj.get(DIGEST_KEY)
+    if recorded is None:
+        raise BundleError(f"{manifest_path}: no {DIGEST_KEY} (written before stepscore checked it); re-export the model")
+    if recorded != manifest_digest(obj):
+        raise BundleError(
+            f"{manifest_path}: content does not match its {DIGEST_KEY} (edited after export); re-export the model"
+        )
+    for where, name in _named_paths(manifest):
+        _plain_name(where, name)
     needed = {manifest.graph.file, manifest.tokenizer_file}
     if manifest.graph.data_file:
         needed.add(manifest.graph.data_file)
@@ -410,11 +568,12 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         file = directory / name
         if not file.is_file():
             raise BundleError(f"{directory}: file {name} is missing")
-        size = file.stat().st_size
+        size = file.stat().st_size  # inside the bundle: _contained and _plain_name made sure of it
         if size != entry.size:
             raise BundleError(f"{file}: size {size} != {entry.size} recorded at export (truncated or replaced)")
         if verify:
             digest = sha256_file(file)
             if digest != entry.sha256:
                 raise BundleError(f"{file}: sha256 does not match the manifest (file modified after export)")
+    _check_tokens(directory, manifest)
     return Bundle(path=directory, manifest=manifest)

@@ -6,11 +6,12 @@ silently adjusted mid-flight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from stepscore.errors import ConfigError
 from stepscore.runtime.bundle import Manifest
+from stepscore.runtime.limits import RequestLimits
 
 
 def model_attention_cost(manifest: Manifest) -> float:
@@ -75,6 +76,10 @@ class EngineConfig:
     io_binding: bool | None = None  # None = on for CUDA, off for CPU
     max_seq_len: int = 0  # 0 = the bundle's limit; lower it to refuse longer candidates
     verify_bundle: bool = True  # sha256 every bundle file at load
+    # request sizes refused before any tokenization (stepscore.runtime.limits), reported by Info
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # memory the tokenization cache may hold (texts, their ids and offsets); least recently used runs go first
+    text_cache_bytes: int = 64 << 20
 
     def checked(self, manifest: Manifest) -> EngineConfig:
         """Validate against the bundle; returns the config with defaults resolved."""
@@ -85,10 +90,12 @@ class EngineConfig:
             "row_tokens",
             "row_multiple",
             "tokenizer_threads",
+            "text_cache_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.limits.checked()
         if self.plain_rows not in PLAIN_ROWS:
             raise ConfigError(f"plain_rows must be one of {PLAIN_ROWS}, got {self.plain_rows!r}")
         if self.max_wait_ms < 0:

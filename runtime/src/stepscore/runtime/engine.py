@@ -32,6 +32,7 @@ from stepscore.runtime.backend import Backend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
 from stepscore.runtime.config import EngineConfig
 from stepscore.runtime.formatting import Formatter
+from stepscore.runtime.limits import WorkGuard
 from stepscore.runtime.packing import PackedBatch
 from stepscore.runtime.scheduler import Scheduler, SchedulerStats
 from stepscore.runtime.types import AGGREGATES, CandidateScore, Formatted, ScoreRequest, ScoreResult, Timing, TokenIds
@@ -163,7 +164,9 @@ class Engine:
         self.bundle = bundle
         self.config = config.checked(bundle.manifest)
         m = bundle.manifest
-        self.formatter = Formatter(m.format, bundle.tokenizer_path, m.model.vocab_size, self.config.max_seq_len)
+        self.formatter = Formatter(
+            m.format, bundle.tokenizer_path, m.model.vocab_size, self.config.max_seq_len, self.config.text_cache_bytes
+        )
         self.backends = list(backends)
         self._scheduler = Scheduler(self.backends, self.config)
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
@@ -225,6 +228,8 @@ class Engine:
         if not self._started or self._closed:
             raise Unavailable("the engine is not running" if not self._closed else "the engine is shutting down")
         started = time.perf_counter()
+        # sizes first, in O(fields): nothing below reads more than the limits allow
+        self.config.limits.check(request.problem, request.prefix_steps, request.candidates)
         validate_request(request)
         if request.deadline is not None and time.monotonic() >= request.deadline:
             raise DeadlineExceeded("the deadline passed before the request was queued")
@@ -235,7 +240,12 @@ class Engine:
         try:
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            items = await loop.run_in_executor(self._tokenize_pool, self.formatter.format_request, request)
+            guard = WorkGuard(request.deadline)  # tokenization stops between chunks once nobody waits for it
+            try:
+                items = await loop.run_in_executor(self._tokenize_pool, self.formatter.format_request, request, guard.check)
+            except asyncio.CancelledError:
+                guard.cancel()
+                raise
             tokenize_ms = (time.perf_counter() - t0) * 1000.0
             queued, future = scheduler.submit(items, request.deadline, permit)
         except BaseException:
@@ -256,6 +266,13 @@ class Engine:
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
         return build_result(items, per_item, request, timing)
+
+    def check_admission(self) -> None:
+        """Raise what `score` would refuse a new request with right now (Unavailable, Overloaded) without
+        reserving anything: the service answers overload before it reads a request's payload."""
+        if not self._started or self._closed:
+            raise Unavailable("the engine is not running" if not self._closed else "the engine is shutting down")
+        self._scheduler.admit(0).release()
 
     # -- introspection --------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from stepscore.errors import ConfigError
 from stepscore.runtime.config import PLAIN_ROWS, EngineConfig, PlainRows
+from stepscore.runtime.limits import RequestLimits
 
 T = TypeVar("T")
 
@@ -170,6 +171,35 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "do not time the graph at start-up (cached in the bundle folder); use the fixed per-device defaults",
     )
     add_switch(g, "--no-verify", "skip the sha256 check of the bundle's files at load (sizes are still checked)")
+    add_flag(g, "--text-cache-mb", d.text_cache_bytes >> 20, int, "memory for memoised tokenizations of repeated text (MiB)")
+    add_limit_args(p)
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """Request sizes refused with INVALID_ARGUMENT before any tokenization (stepscore.runtime.limits)."""
+    d = RequestLimits()
+    g = p.add_argument_group("request limits (refused before any tokenization; reported by Info)")
+    add_flag(g, "--max-candidates", d.max_candidates, int, "candidates per request")
+    add_flag(g, "--max-steps", d.max_steps, int, "steps per candidate, prefix steps included")
+    add_flag(g, "--max-problem-chars", d.max_problem_chars, int, "characters of the problem")
+    add_flag(g, "--max-step-chars", d.max_step_chars, int, "characters of one step")
+    add_flag(
+        g,
+        "--max-request-chars",
+        d.max_request_chars,
+        int,
+        "characters formatted per request: problem and prefix steps once per candidate, plus every step",
+    )
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(
+        max_candidates=args.max_candidates,
+        max_steps=args.max_steps,
+        max_problem_chars=args.max_problem_chars,
+        max_step_chars=args.max_step_chars,
+        max_request_chars=args.max_request_chars,
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -188,6 +218,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         run_overhead_tokens=args.run_overhead_tokens,
         verify_bundle=not args.no_verify,
         measure_cost=not args.no_cost_model,
+        limits=request_limits(args),
+        text_cache_bytes=args.text_cache_mb << 20,
     )
 
 

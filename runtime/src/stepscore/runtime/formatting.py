@@ -11,14 +11,18 @@ No torch, no chat-template engine at run time: export rendered the model's templ
 - Text runs are tokenized as the reference code tokenizes them (a run = the text between two id
   segments), so scores match the model's own scoring code.
 - Runs are encoded with the Rust tokenizer's parallel batch encode and memoised: search clients resend
-  the same prefix steps every iteration.
+  the same prefix steps every iteration. The memo is bounded in bytes, not entries: a few long texts must
+  not hold as much memory as thousands of short ones.
+- A request is formatted in chunks of about `CHUNK_CHARS` characters; before each chunk the caller's guard
+  may stop it (deadline passed, caller gone), so a large request stops costing CPU soon after nobody waits.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +33,19 @@ from stepscore.errors import ContextTooLong, InvalidRequest
 from stepscore.runtime.bundle import FormatSpec, Segment
 from stepscore.runtime.types import Formatted, IntArray, ScoreRequest, TokenIds
 
+CHUNK_CHARS = 1 << 18  # characters tokenized between two guard checks (~20-50 ms of one tokenizer thread)
+# a cache entry's memory beyond its text and arrays: two ndarray headers, the entry object, the dict node
+_ENTRY_OVERHEAD = 400
+
 
 @dataclass(frozen=True)
 class _Encoded:
     ids: IntArray
     ends: IntArray  # exclusive end (in characters) of each token
+
+    def nbytes(self, text: str) -> int:
+        """Memory this entry holds in the cache, with its key."""
+        return sys.getsizeof(text) + self.ids.nbytes + self.ends.nbytes + _ENTRY_OVERHEAD
 
 
 @dataclass
@@ -60,7 +72,7 @@ class Formatter:
         tokenizer_path: Path,
         vocab_size: int,
         max_seq_len: int,
-        cache_entries: int = 32768,
+        cache_bytes: int = 64 << 20,
     ) -> None:
         self.spec = spec
         self.vocab_size = vocab_size
@@ -69,26 +81,45 @@ class Formatter:
         # User text is plain text: special-token strings in it are split like any other text.
         self._tokenizer.encode_special_tokens = True
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
-        self._cache_entries = cache_entries
+        self._cache_bytes = cache_bytes
+        self._cached = 0  # bytes the cache holds now
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------------
 
-    def format_request(self, request: ScoreRequest) -> list[Formatted]:
-        """Format every candidate of a request (raises InvalidRequest / ContextTooLong)."""
-        layouts: dict[int, _Layout] = {}
-        for i, cand in enumerate(request.candidates):
-            if not isinstance(cand, TokenIds):
-                layouts[i] = self._layout(request.problem, request.steps_of(cand))
-        encoded = self._encode_runs([p for layout in layouts.values() for p in layout.pieces if isinstance(p, str)])
-        out: list[Formatted] = []
+    def format_request(self, request: ScoreRequest, guard: Callable[[], None] | None = None) -> list[Formatted]:
+        """Format every candidate of a request (raises InvalidRequest / ContextTooLong).
+
+        Text candidates are tokenized in chunks of about CHUNK_CHARS characters; `guard()` runs before each
+        chunk and stops the work by raising (stepscore.runtime.limits.WorkGuard: deadline, cancellation).
+        """
+        out: list[Formatted | None] = [None] * len(request.candidates)
+        chunk: list[tuple[int, _Layout]] = []
+        chars = 0
+
+        def flush() -> None:
+            if guard is not None:
+                guard()
+            encoded = self._encode_runs([p for _, layout in chunk for p in layout.pieces if isinstance(p, str)])
+            for i, layout in chunk:
+                ids, reads = self._assemble(i, layout, encoded)
+                out[i] = self._fit(i, ids, reads, request.truncate_left)
+            chunk.clear()
+
         for i, cand in enumerate(request.candidates):
             if isinstance(cand, TokenIds):
                 ids, reads = self._check_token_ids(i, cand)
-            else:
-                ids, reads = self._assemble(i, layouts[i], encoded)
-            out.append(self._fit(i, ids, reads, request.truncate_left))
-        return out
+                out[i] = self._fit(i, ids, reads, request.truncate_left)
+                continue
+            layout = self._layout(request.problem, request.steps_of(cand))
+            chunk.append((i, layout))
+            chars += sum(len(p) for p in layout.pieces if isinstance(p, str))
+            if chars >= CHUNK_CHARS:
+                flush()
+                chars = 0
+        if chunk:
+            flush()
+        return [item for item in out if item is not None]
 
     def encode_text(self, text: str) -> list[int]:
         """Plain-text encoding of `text` (no special tokens), as user text is encoded."""
@@ -176,10 +207,25 @@ class Formatter:
                     ends = np.asarray([end for _, end in enc.offsets], dtype=np.int32)
                     item = _Encoded(ids, np.maximum.accumulate(ends) if ends.size else ends)
                     found[text] = item
-                    self._cache[text] = item
-                while len(self._cache) > self._cache_entries:
-                    self._cache.popitem(last=False)
+                    self._remember(text, item)
         return found
+
+    def _remember(self, text: str, item: _Encoded) -> None:
+        """Cache `item` (lock held), evicting the least recently used entries past the byte budget. A text
+        too large for a sixteenth of the budget is not kept: it would push out many useful entries."""
+        size = item.nbytes(text)
+        if size > self._cache_bytes // 16 or text in self._cache:
+            return
+        self._cache[text] = item
+        self._cached += size
+        while self._cached > self._cache_bytes and self._cache:
+            old_text, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes(old_text)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory the tokenization cache holds now (an estimate: texts, arrays and per-entry overhead)."""
+        return self._cached
 
     def _assemble(self, cand: int, layout: _Layout, encoded: dict[str, _Encoded]) -> tuple[IntArray, IntArray]:
         parts: list[IntArray] = []

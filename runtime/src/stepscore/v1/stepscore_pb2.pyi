@@ -118,7 +118,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "family", "preset", "precision", "max_seq_len", "max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_receive_message_bytes", "max_send_message_bytes", "devices", "aggregates", "stepscore_version", "onnxruntime_version", "grpc_version", "format_description", "manifest_json")
+    __slots__ = ("model", "family", "preset", "precision", "max_seq_len", "max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_receive_message_bytes", "max_send_message_bytes", "devices", "aggregates", "stepscore_version", "onnxruntime_version", "grpc_version", "format_description", "manifest_json", "max_candidates", "max_steps_per_candidate", "max_problem_chars", "max_step_chars", "max_request_chars", "max_stream_inflight", "stream_stall_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,13 @@ class InfoResponse(_message.Message):
     GRPC_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_PER_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROBLEM_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     preset: str
@@ -153,4 +160,11 @@ class InfoResponse(_message.Message):
     grpc_version: str
     format_description: str
     manifest_json: str
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., preset: _Optional[str] = ..., precision: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., stepscore_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., format_description: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    max_candidates: int
+    max_steps_per_candidate: int
+    max_problem_chars: int
+    max_step_chars: int
+    max_request_chars: int
+    max_stream_inflight: int
+    stream_stall_seconds: float
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., preset: _Optional[str] = ..., precision: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., stepscore_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., format_description: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_steps_per_candidate: _Optional[int] = ..., max_problem_chars: _Optional[int] = ..., max_step_chars: _Optional[int] = ..., max_request_chars: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., stream_stall_seconds: _Optional[float] = ...) -> None: ...

@@ -20,15 +20,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        given = [value for key, value in (details.invocation_metadata or ()) if key == "authorization"]
+        if len(given) > 1:  # which one would count is up to each proxy on the way: none does
+            return _deny(handler, "more than one authorization header: send exactly one 'authorization: Bearer <token>'")
+        token = given[0] if given else ""
         # constant-time comparison: the answer time says nothing about how much of the token matched
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+        if hmac.compare_digest(token.encode() if isinstance(token, str) else token, self._expected):
             return handler
-        return _deny(handler)
+        return _deny(handler, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 
 
-def _deny(handler: Any) -> Any:
-    message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+def _deny(handler: Any, message: str) -> Any:
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -44,6 +44,7 @@ def add_parser(sub: Any) -> None:
     add_flag(g, "--client-ca", "", str, "PEM CA: clients must present a certificate it signed (mTLS)")
     add_flag(g, "--token", "", str, "require 'authorization: Bearer TOKEN' on every call but health (prefer the env variable)")
     add_flag(g, "--metrics-port", 0, int, "serve Prometheus metrics on this port", shown="off")
+    add_flag(g, "--metrics-host", d.metrics_host, str, "address the metrics port binds (0.0.0.0 for a remote scraper)")
     add_switch(g, "--reflection", "enable gRPC server reflection (for grpcurl)")
     add_flag(g, "--grace-seconds", d.grace_seconds, float, "how long in-flight calls may take to finish on SIGTERM")
     add_flag(
@@ -53,6 +54,21 @@ def add_parser(sub: Any) -> None:
         str,
         "logging level (info: one line at start-up and one at shutdown)",
         choices=("debug", "info", "warning", "error"),
+    )
+    add_flag(
+        g,
+        "--max-stream-inflight",
+        d.max_stream_inflight,
+        int,
+        "requests one ScoreStream may have in flight (queued, running or answered and unread); at the limit the "
+        "stream is not read until answers are consumed",
+    )
+    add_flag(
+        g,
+        "--stream-stall-seconds",
+        d.stream_stall_seconds,
+        float,
+        "a stream whose client reads no answer for this long is closed (RESOURCE_EXHAUSTED) and its work dropped",
     )
     add_engine_args(p)
     p.set_defaults(run=run_serve)
@@ -69,8 +85,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         client_ca=_path(args.client_ca),
         token=args.token or None,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         reflection=args.reflection,
         grace_seconds=args.grace_seconds,
+        max_stream_inflight=args.max_stream_inflight,
+        stream_stall_seconds=args.stream_stall_seconds,
     ).check()
 
 

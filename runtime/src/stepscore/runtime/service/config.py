@@ -21,8 +21,15 @@ class ServerConfig:
     client_ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
     token: str | None = None  # set: every call but health needs "authorization: Bearer <token>"
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"  # metrics say much about the load and nothing needs a token: loopback by default
     reflection: bool = False
     grace_seconds: float = 30.0  # in-flight calls get this long to finish on SIGTERM
+    # ScoreStream flow control (stepscore.runtime.service.streams): requests one stream may have in flight
+    # (queued, running, or answered and not yet read by the client); at the limit the stream is not read, so
+    # HTTP/2 flow control holds the client. A stream also never holds more than its share of the queue.
+    max_stream_inflight: int = 64
+    # a stream whose client reads no answer for this long is closed with RESOURCE_EXHAUSTED, its work dropped
+    stream_stall_seconds: float = 30.0
 
     def check(self) -> ServerConfig:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -43,4 +50,10 @@ class ServerConfig:
             raise ConfigError("the bearer token must be at least 8 characters")
         if self.grace_seconds < 0:
             raise ConfigError("grace_seconds must be >= 0")
+        if self.max_stream_inflight < 1:
+            raise ConfigError(f"max_stream_inflight must be at least 1, got {self.max_stream_inflight}")
+        if not self.stream_stall_seconds > 0:
+            raise ConfigError(f"stream_stall_seconds must be positive, got {self.stream_stall_seconds}")
+        if self.metrics_port and not self.metrics_host:
+            raise ConfigError("metrics need an address to bind (--metrics-host)")
         return self

@@ -7,11 +7,27 @@ validates the rest. Errors name the field as a path: "candidates[2].steps[0]".
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from stepscore.errors import InvalidRequest
 from stepscore.runtime.types import CandidateScore, ScoreRequest, ScoreResult, Timing, TokenIds
 from stepscore.v1 import stepscore_pb2 as pb
+
+
+def candidate_views(msg: Any) -> list[Sequence[str] | TokenIds]:
+    """The candidates of a ScoreRequest message as the runtime sees them, without copying their contents:
+    enough for the size limits (stepscore.runtime.limits) to be checked before anything is converted."""
+    out: list[Sequence[str] | TokenIds] = []
+    for i, cand in enumerate(msg.candidates):
+        kind = cand.WhichOneof("kind")
+        if kind == "steps":
+            out.append(cand.steps.steps)
+        elif kind == "tokens":
+            out.append(TokenIds(cand.tokens.ids, cand.tokens.step_positions))
+        else:
+            raise InvalidRequest(f"candidates[{i}]", "set either steps or tokens")
+    return out
 
 
 def request_from_proto(msg: Any, grpc_deadline: float | None = None) -> ScoreRequest:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stepscore.errors import ConfigError
 from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.auth import BearerTokenInterceptor
+from stepscore.runtime.service.calls import CallMetrics
 from stepscore.runtime.service.config import ServerConfig
 from stepscore.runtime.service.metrics import Metrics
 from stepscore.runtime.service.servicer import StepScorerServicer, register
@@ -35,14 +36,24 @@ class Server:
         self.config = config.check()
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
-        # gRPC itself refuses messages over twice the limit (RESOURCE_EXHAUSTED, before any parsing);
-        # between the limit and that, the servicer answers INVALID_ARGUMENT naming the request.
+        # outermost first: every call is counted, those the token check refuses too
+        interceptors: list[Any] = [CallMetrics(self.metrics.observe_call)]
+        if config.token:
+            interceptors.append(BearerTokenInterceptor(config.token))
+        # The advertised limit is gRPC's own: a larger message is refused (RESOURCE_EXHAUSTED) as its length
+        # prefix arrives, before it is buffered or parsed.
         options = [
-            ("grpc.max_receive_message_length", 2 * config.max_receive_message_bytes),
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
             ("grpc.max_send_message_length", config.max_send_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ]
+        # Every port is bound before any is served: a taken one fails start-up with nothing open.
+        if config.metrics_port:
+            try:
+                self.metrics.listen(config.metrics_host, config.metrics_port)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {reason}") from None
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         register(StepScorerServicer(engine, config, self.metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -53,7 +64,11 @@ class Server:
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 self.server,
             )
-        self.port = self._bind()
+        try:
+            self.port = self._bind()
+        except ConfigError:
+            self.metrics.close()
+            raise
         self._stopping: asyncio.Event | None = None
 
     def _bind(self) -> int:
@@ -80,17 +95,11 @@ class Server:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         await self.engine.start()  # sessions were warmed up when the engine was built
-        self.metrics.bind(lambda: self.engine.queue_depth, lambda: self.engine.queued_tokens)
+        self.metrics.bind(
+            lambda: self.engine.queue_depth, lambda: self.engine.queued_tokens, lambda: self.engine.formatter.cache_bytes
+        )
         self.engine.on_batch(self.metrics.observe_batch)
-        if self.config.metrics_port:
-            try:
-                self.metrics.serve(self.config.host, self.config.metrics_port)
-            except OSError as exc:
-                # stop what already started, inside the event loop: left to the garbage collector, the gRPC
-                # server's shutdown would run after the loop closed and print a traceback after the error line
-                await self.server.stop(None)
-                await self.engine.close(drain_timeout=0)
-                raise ConfigError(f"cannot serve metrics on port {self.config.metrics_port}: {exc.strerror}") from exc
+        self.metrics.start_serving()  # bound in __init__, with the gRPC port
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
@@ -105,6 +114,7 @@ class Server:
         # a moment for the last responses to be written before the transport closes
         await self.server.stop(grace=min(2.0, max(0.0, deadline - time.monotonic())))
         await self.engine.close(drain_timeout=0)
+        self.metrics.close()
 
     async def run_until_signalled(self, ready: Any = None) -> None:
         loop = asyncio.get_running_loop()

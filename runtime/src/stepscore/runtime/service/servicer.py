@@ -2,26 +2,33 @@
 
 Every accepted request gets exactly one answer: a response, an error status (unary), or an in-stream
 error message (streaming). Errors cross the wire through `status.to_status` only.
+
+Score and ScoreStream take their requests as raw bytes and are registered in streaming-request form, so
+that they run as soon as a call arrives: overload is refused before the payload is read or parsed, and
+sizes are checked (stepscore.runtime.limits) before anything is converted or tokenized. ScoreStream's
+flow control (bounded in flight, fair share, stalled readers cut off) is `stepscore.runtime.service.streams`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from stepscore.errors import InvalidRequest
+from stepscore.errors import DeadlineExceeded, InvalidRequest, MessageTooLarge, Overloaded, StepscoreError
 from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.config import ServerConfig
-from stepscore.runtime.service.convert import request_from_proto, result_to_proto
+from stepscore.runtime.service.convert import candidate_views, request_from_proto, result_to_proto
 from stepscore.runtime.service.metrics import Metrics
 from stepscore.runtime.service.status import to_status
+from stepscore.runtime.service.streams import StreamShares, pump
 from stepscore.runtime.types import AGGREGATES, ScoreResult
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
@@ -49,17 +56,12 @@ def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def register(servicer: StepScorerServicer, server: grpc.aio.Server) -> None:
-    """Like the generated add_StepScorerServicer_to_server, with deserializers that never throw."""
+    """Like the generated add_StepScorerServicer_to_server, with deserializers that never throw. Score and
+    ScoreStream get raw bytes (no deserializer) and run before their request arrives (see the module doc)."""
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=_safe(pb.ScoreRequest.FromString),
-            response_serializer=pb.ScoreResponse.SerializeToString,
-        ),
+        "Score": grpc.stream_unary_rpc_method_handler(servicer.Score, response_serializer=pb.ScoreResponse.SerializeToString),
         "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreStream,
-            request_deserializer=_safe(pb.ScoreRequest.FromString),
-            response_serializer=pb.ScoreStreamResponse.SerializeToString,
+            servicer.ScoreStream, response_serializer=pb.ScoreStreamResponse.SerializeToString
         ),
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info,
@@ -77,6 +79,10 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         self._engine = engine
         self._config = config
         self._metrics = metrics
+        self._limits = engine.config.limits
+        self._streams = StreamShares(
+            config.max_stream_inflight, engine.config.max_queued_requests, engine.config.max_queued_tokens
+        )
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -84,14 +90,29 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
+    def _not_received(self, deadline: float | None) -> StepscoreError:
+        """Why a call ended without its request message (gRPC has answered a message over the limit itself)."""
+        if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
+            return DeadlineExceeded("the deadline passed before the request arrived")
+        return MessageTooLarge(
+            f"no request message arrived: one over the limit of {self._config.max_receive_message_bytes} bytes "
+            "is refused before it is read"
+        )
+
+    @staticmethod
+    def _parse(raw: bytes) -> Any:
+        try:
+            return pb.ScoreRequest.FromString(raw)
+        except DecodeError as exc:
+            reason = str(exc) or "malformed message"
+            raise InvalidRequest("request", f"not a valid ScoreRequest ({reason}; strings must be UTF-8)") from None
+
+    def _size(self, msg: Any) -> int:
+        """The request's size in characters; raises InvalidRequest naming the first field over its limit."""
+        self._limits.check_count(len(msg.candidates))  # O(1): before the candidates are looked at
+        return self._limits.check(msg.problem, msg.prefix_steps, candidate_views(msg))
+
     async def _score(self, msg: Any, deadline: float | None) -> ScoreResult:
-        if isinstance(msg, Undecodable):
-            raise InvalidRequest("request", f"not a valid ScoreRequest ({msg.reason}; strings must be UTF-8)")
-        size = msg.ByteSize()
-        if size > self._config.max_receive_message_bytes:
-            raise InvalidRequest(
-                "request", f"message is {size} bytes, over the limit of {self._config.max_receive_message_bytes}"
-            )
         return await self._engine.score(request_from_proto(msg, deadline))
 
     @staticmethod
@@ -107,11 +128,19 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
 
     # -- RPCs -----------------------------------------------------------------------------------
 
-    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Score(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Runs when the call arrives (registered stream-unary): admission first, then the one message."""
+        del request_iterator  # the message is read through the context, after admission
         started = time.perf_counter()
         deadline = self._deadline(context)
         try:
-            result = await self._score(request, deadline)
+            self._engine.check_admission()  # overloaded or draining: refused before the payload is read
+            raw = await context.read()
+            if raw is grpc.aio.EOF:
+                raise self._not_received(deadline)
+            msg = self._parse(raw)
+            self._size(msg)
+            result = await self._score(msg, deadline)
         except asyncio.CancelledError:  # the client went away: the engine already dropped the work
             self._observe("Score", self._gone(deadline), started, None)
             raise
@@ -122,18 +151,21 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         self._observe("Score", grpc.StatusCode.OK, started, result)
         return result_to_proto(result)
 
-    async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        answers: asyncio.Queue[Any] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
+    async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        """Reads and writes through the context, so that it can stop reading (flow control) and notice a
+        client that stops reading (stepscore.runtime.service.streams)."""
+        del request_iterator
         seen: set[str] = set()
         stream_deadline = self._deadline(context)
 
-        async def one(msg: Any) -> None:
-            started = time.perf_counter()
-            request_id = "" if isinstance(msg, Undecodable) else msg.request_id
+        def error(request_id: str, exc: BaseException, started: float) -> Any:
+            status = to_status(exc)
+            self._observe("ScoreStream", status.code, started, None)
+            error = pb.Error(code=status.code.value[0], message=status.message, field=status.field, error_id=status.error_id)
+            return pb.ScoreStreamResponse(request_id=request_id, error=error)
+
+        async def answer(msg: Any, started: float) -> Any:
             try:
-                if isinstance(msg, Undecodable):
-                    await self._score(msg, None)  # raises INVALID_ARGUMENT for this message
                 if not msg.request_id:
                     raise InvalidRequest("request_id", "is required on a stream (responses come back out of order)")
                 if msg.request_id in seen:
@@ -143,41 +175,43 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
                     result = await self._score(msg, stream_deadline)
                 finally:
                     seen.discard(msg.request_id)
-                self._observe("ScoreStream", grpc.StatusCode.OK, started, result)
-                await answers.put(pb.ScoreStreamResponse(request_id=msg.request_id, response=result_to_proto(result)))
             except asyncio.CancelledError:
                 self._observe("ScoreStream", self._gone(stream_deadline), started, None)
                 raise
             except Exception as exc:  # noqa: BLE001 - reported in the stream; the stream goes on
-                status = to_status(exc)
-                self._observe("ScoreStream", status.code, started, None)
-                error = pb.Error(
-                    code=status.code.value[0], message=status.message, field=status.field, error_id=status.error_id
-                )
-                await answers.put(pb.ScoreStreamResponse(request_id=request_id, error=error))
+                return error(msg.request_id, exc, started)
+            self._observe("ScoreStream", grpc.StatusCode.OK, started, result)
+            return pb.ScoreStreamResponse(request_id=msg.request_id, response=result_to_proto(result))
 
-        async def read() -> None:
-            async for msg in request_iterator:
-                task = asyncio.create_task(one(msg))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            while pending:
-                await asyncio.wait(set(pending))
-            await answers.put(None)
+        async def failed(request_id: str, exc: BaseException, started: float) -> Any:
+            return error(request_id, exc, started)
 
-        reader = asyncio.create_task(read())
+        def prepare(raw: bytes) -> tuple[int, Callable[[], Awaitable[Any]]]:
+            started = time.perf_counter()
+            try:
+                msg = self._parse(raw)
+            except StepscoreError as exc:
+                return 0, functools.partial(failed, "", exc, started)
+            try:
+                chars = self._size(msg)
+            except StepscoreError as exc:
+                return 0, functools.partial(failed, msg.request_id, exc, started)
+            return chars, functools.partial(answer, msg, started)
+
+        async def read() -> bytes | None:
+            raw = await context.read()
+            return None if raw is grpc.aio.EOF else bytes(raw)
+
+        quota = self._streams.open()
         try:
-            while True:
-                item = await answers.get()
-                if item is None:
-                    break
-                yield item
-            await reader
+            await pump(read, prepare, context.write, quota, self._config.stream_stall_seconds)
+        except Overloaded as exc:  # the client stopped reading: cut off, its work already dropped
+            if self._metrics is not None:
+                self._metrics.stream_stalls.inc()
+            status = to_status(exc)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata())
         finally:
-            # the client cancelled or the stream failed: drop all of its queued work
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+            quota.close()
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         del request, context  # no fields
@@ -201,4 +235,11 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             grpc_version=grpc.__version__,
             format_description=info.manifest["format"].get("description", ""),
             manifest_json=json.dumps(info.manifest),
+            max_candidates=self._limits.max_candidates,
+            max_steps_per_candidate=self._limits.max_steps,
+            max_problem_chars=self._limits.max_problem_chars,
+            max_step_chars=self._limits.max_step_chars,
+            max_request_chars=self._limits.max_request_chars,
+            max_stream_inflight=self._config.max_stream_inflight,
+            stream_stall_seconds=self._config.stream_stall_seconds,
         )

@@ -20,6 +20,7 @@ from stepscore.errors import (
     DeadlineExceeded,
     InternalError,
     InvalidRequest,
+    MessageTooLarge,
     ModelOutputError,
     Overloaded,
     StepscoreError,
@@ -39,6 +40,7 @@ ERROR_ID_KEY = "stepscore-error-id"
 TABLE: tuple[tuple[type[StepscoreError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (MessageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
