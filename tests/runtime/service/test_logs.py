@@ -51,5 +51,5 @@ def test_a_taken_metrics_port_is_one_line(tiny_bundle: Callable[..., Path]) -> N
     # before: the error line, then an event-loop traceback from the gRPC server left running
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"stepscore serve: error: cannot serve metrics on port {port}: Address already in use"
+        f"stepscore serve: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
     ]

@@ -26,6 +26,7 @@ from stepscore.errors import (
     Unavailable,
 )
 from stepscore.runtime.client import AsyncClient
+from stepscore.runtime.config import EngineConfig
 from stepscore.runtime.service.config import ServerConfig
 from stepscore.runtime.service.servicer import StepScorerServicer, register
 from stepscore.runtime.service.status import TABLE, from_status, to_status
@@ -87,6 +88,10 @@ class FaultyEngine:
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
+        self.config = EngineConfig()
+
+    def check_admission(self) -> None:
+        """Admits every call."""
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         raise self.exc
