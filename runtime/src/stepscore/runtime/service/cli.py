@@ -45,6 +45,14 @@ def add_parser(sub: Any) -> None:
     add_flag(g, "--token", "", str, "require 'authorization: Bearer TOKEN' on every call but health (prefer the env variable)")
     add_flag(g, "--metrics-port", 0, int, "serve Prometheus metrics on this port", shown="off")
     add_switch(g, "--reflection", "enable gRPC server reflection (for grpcurl)")
+    add_flag(
+        g,
+        "--replica-id",
+        "",
+        str,
+        "this replica's name, returned in every response's `stepscore-replica` metadata and in Info",
+        shown="host:port",
+    )
     add_flag(g, "--grace-seconds", d.grace_seconds, float, "how long in-flight calls may take to finish on SIGTERM")
     add_flag(
         g,
@@ -71,6 +79,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port,
         reflection=args.reflection,
         grace_seconds=args.grace_seconds,
+        replica_id=args.replica_id,
     ).check()
 
 

@@ -23,6 +23,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     reflection: bool = False
     grace_seconds: float = 30.0  # in-flight calls get this long to finish on SIGTERM
+    replica_id: str = ""  # this replica's name in responses (metadata `stepscore-replica`, Info); "": host:port
 
     def check(self) -> ServerConfig:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -43,4 +44,7 @@ class ServerConfig:
             raise ConfigError("the bearer token must be at least 8 characters")
         if self.grace_seconds < 0:
             raise ConfigError("grace_seconds must be >= 0")
+        # it travels as a gRPC metadata value: printable ASCII only, and short
+        if len(self.replica_id) > 128 or not all(" " <= ch <= "~" for ch in self.replica_id):
+            raise ConfigError("the replica id must be at most 128 printable ASCII characters (it is sent as metadata)")
         return self

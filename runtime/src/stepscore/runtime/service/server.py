@@ -44,7 +44,8 @@ class Server:
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        register(StepScorerServicer(engine, config, self.metrics), self.server)
+        servicer = StepScorerServicer(engine, config, self.metrics)
+        register(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -54,6 +55,9 @@ class Server:
                 self.server,
             )
         self.port = self._bind()
+        # named once the port is known: the default, host:port, is what the replica is reached at
+        self.replica_id = config.replica_id or f"{config.host}:{self.port}"
+        servicer.replica_id = self.replica_id
         self._stopping: asyncio.Event | None = None
 
     def _bind(self) -> int:
@@ -76,6 +80,8 @@ class Server:
         return int(port)
 
     async def start(self) -> None:
+        """Health says SERVING only at the end: the engine's sessions were warmed up when it was built (a
+        first run of every graph), so a readiness probe or a load balancer never sends work to a cold replica."""
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -116,13 +122,14 @@ class Server:
         info = self.engine.info()
         metrics = f", metrics on :{self.config.metrics_port}" if self.config.metrics_port else ""
         log.info(
-            "serving %s (%s, %s) on %s://%s:%d, devices %s%s",
+            "serving %s (%s, %s) on %s://%s:%d as replica %s, devices %s%s",
             info.model,
             info.preset,
             info.precision,
             scheme,
             self.config.host,
             self.port,
+            self.replica_id,
             ",".join(info.devices),
             metrics,
         )

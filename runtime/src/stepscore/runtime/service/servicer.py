@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from stepscore.errors import InvalidRequest
 from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.config import ServerConfig
-from stepscore.runtime.service.convert import request_from_proto, result_to_proto
+from stepscore.runtime.service.convert import REPLICA_HEADER, request_from_proto, result_to_proto
 from stepscore.runtime.service.metrics import Metrics
 from stepscore.runtime.service.status import to_status
 from stepscore.runtime.types import AGGREGATES, ScoreResult
@@ -77,6 +77,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         self._engine = engine
         self._config = config
         self._metrics = metrics
+        self.replica_id = config.replica_id  # the server sets the resolved name (host:port) once bound
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -101,6 +102,9 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
         return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
 
+    def _replica(self) -> tuple[tuple[str, str], ...]:
+        return ((REPLICA_HEADER, self.replica_id),)
+
     def _observe(self, method: str, code: grpc.StatusCode, started: float, result: ScoreResult | None) -> None:
         if self._metrics is not None:
             self._metrics.observe_request(method, code.name, time.perf_counter() - started, result)
@@ -118,13 +122,17 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
             status = to_status(exc)
             self._observe("Score", status.code, started, None)
+            await context.send_initial_metadata(self._replica())
             await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata())
         self._observe("Score", grpc.StatusCode.OK, started, result)
+        # sent with the answer, not on arrival: a call whose replica dies before it answers has received
+        # nothing yet, so the client's retry policy may still send it to another replica
+        await context.send_initial_metadata(self._replica())
         return result_to_proto(result)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         # accept the stream at once: clients wait for this before their second write (see AsyncClient)
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(self._replica())
         answers: asyncio.Queue[Any] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
         seen: set[str] = set()
@@ -182,7 +190,8 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
                 task.cancel()
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        del request, context  # no fields
+        del request  # no fields
+        await context.send_initial_metadata(self._replica())
         info = self._engine.info()
         cfg = self._engine.config
         return pb.InfoResponse(
@@ -203,4 +212,5 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             grpc_version=grpc.__version__,
             format_description=info.manifest["format"].get("description", ""),
             manifest_json=json.dumps(info.manifest),
+            replica_id=self.replica_id,
         )
