@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,23 @@ def _problem(k: int) -> str:
 
 def _steps(k: int, call: int) -> list[list[str]]:
     return [[f"{k} + {k + 1} = {2 * k + 1}.", f"Check {call}: the answer is {2 * k + 1}."]]
+
+
+# a call that keeps a replica busy for a while (about a second on two loaded cores): distinct chains
+HEAVY = [
+    [f"{k % 47}+{k % 7}={k % 47 + k % 7}", f"{k % 47 + k % 7}-{k % 5}={k % 47 + k % 7 - k % 5} ({k})"] for k in range(3000)
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _queued_tokens(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("stepscore_queued_tokens "))
 
 
 def _start(stack: ExitStack, names: list[str]) -> list[ServerProcess]:
@@ -135,8 +154,12 @@ def test_search_id_travels_in_the_request_and_the_header() -> None:
 
 def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() -> None:
     with ExitStack() as stack:
-        servers = _start(stack, ["r0", "r1", "r2"])
-        by_name = dict(zip(["r0", "r1", "r2"], servers, strict=True))
+        ports = [_free_port() for _ in range(3)]
+        servers = [
+            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i])))
+            for i in range(3)
+        ]
+        by_name = {f"r{i}": (s, ports[i]) for i, s in enumerate(servers)}
         with Client(servers[0].target) as direct:  # the reference scores: one replica, no balancing
             expected = {(k, c): direct.score(_problem(k), _steps(k, c)) for k in range(SEARCHES) for c in range(CALLS)}
         with Client(_target(servers), timeout=30) as client:
@@ -159,11 +182,21 @@ def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() ->
                             halfway.set()
                 return out
 
-            with ThreadPoolExecutor(6) as pool:
+            with ThreadPoolExecutor(7) as pool:
                 futures = {k: pool.submit(search, k) for k in range(SEARCHES)}
                 halfway.wait(timeout=120)
-                by_name[victim].stop(signal.SIGKILL)  # mid-run: calls are in flight on every replica
+                # one call certainly in flight on the victim when it dies: a heavy one of search 0 (whose home it
+                # is), killed once the victim's queue holds it; only a retry elsewhere can answer it
+                heavy = pool.submit(client.score, _problem(0), HEAVY, search_id="search-0")
+                victim_server, victim_metrics = by_name[victim]
+                # the heavy call alone queues more tokens than all the small calls together (about 30 each)
+                while _queued_tokens(victim_metrics) < 10_000 and not heavy.done():
+                    threading.Event().wait(0.005)  # polling the victim's own gauge, not a guess at timing
+                assert not heavy.done(), "the heavy call finished before the kill: make it heavier"
+                victim_server.stop(signal.SIGKILL)  # mid-run: calls are in flight on every replica
                 killed_at = done
+                moved_heavy = heavy.result()
+                assert len(moved_heavy.candidates) == len(HEAVY) and moved_heavy.replica != victim
                 for k, future in futures.items():
                     for c, result in future.result():  # raises if any call failed
                         got = [s.step_scores for s in result.candidates]
