@@ -17,7 +17,9 @@ replica's loss moves only its own searches. Calls without a search id carry no h
 random replica per call (measured on grpcio 1.85), so they spread. A call refused UNAVAILABLE (its replica died
 or is draining) is retried by gRPC's retry policy, on the next replica of the ring. `ScoreResult.replica` names
 the replica that answered (its `stepscore-replica` response metadata). A target naming one server keeps gRPC's
-default policy, pick_first.
+default policy, pick_first, and no retries unless `retry=True` (behind a proxy such as deploy/nginx/nginx.conf,
+which cannot replay a call its replica dropped, but answers UNAVAILABLE: the client's retry then goes through the
+proxy to another replica). `retry=False` turns retries off for several servers too.
 
 grpcio reads a ring_hash config's `requestHashHeader` only when `GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY`
 is true (without it every call fails INTERNAL "hash attribute not present"): importing this module sets it
@@ -63,11 +65,10 @@ def names_several(target: str) -> bool:
     return (scheme in ("ipv4", "ipv6") and "," in rest) or scheme == "dns"
 
 
-def service_config(attempts: int = RETRY_ATTEMPTS) -> str:
-    """gRPC service config (JSON) for several replicas: ring_hash on the search-id header; retries on
-    UNAVAILABLE (a replica that died or is draining), which ring_hash sends to the next replica on the ring."""
-    config = {
-        "loadBalancingConfig": [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}],
+def service_config(attempts: int = RETRY_ATTEMPTS, ring_hash: bool = True) -> str:
+    """gRPC service config (JSON): retries on UNAVAILABLE (a replica that died or is draining) and, for several
+    replicas, ring_hash on the search-id header, which sends a retry to the next replica on the ring."""
+    config: dict[str, Any] = {
         "methodConfig": [
             {
                 "name": [{"service": pb.DESCRIPTOR.services_by_name["StepScorer"].full_name}],
@@ -81,6 +82,8 @@ def service_config(attempts: int = RETRY_ATTEMPTS) -> str:
             }
         ],
     }
+    if ring_hash:
+        config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
     return json.dumps(config)
 
 
@@ -111,15 +114,25 @@ def _request(
 
 
 def _channel(
-    api: Any, target: str, tls: bool, root_ca: Path | None, cert: Path | None, key: Path | None, max_bytes: int
+    api: Any,
+    target: str,
+    tls: bool,
+    root_ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    max_bytes: int,
+    retry: bool | None = None,
 ) -> Any:
-    """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given."""
+    """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given;
+    ring_hash and retries for several replicas, retries alone for one address when `retry` (a proxy in front of
+    replicas, such as deploy/nginx/nginx.conf, answers UNAVAILABLE for a call whose replica died)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
     ]
-    if names_several(target):
-        options.append(("grpc.service_config", service_config()))
+    several = names_several(target)
+    if retry if retry is not None else several:
+        options.append(("grpc.service_config", service_config(ring_hash=several)))
     if tls or root_ca or cert:
         creds = grpc.ssl_channel_credentials(
             root_certificates=root_ca.read_bytes() if root_ca else None,
@@ -151,10 +164,11 @@ class _Base:
         key: Path | None = None,
         timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
+        retry: bool | None = None,
     ) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
-        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes)
+        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes, retry)
         self._stub = _stub(self._channel)
 
     def _call_metadata(self, search_id: str) -> tuple[tuple[str, str], ...] | None:
