@@ -103,6 +103,13 @@ def test_bad_replica_id_refuses_to_start() -> None:
     assert proc.returncode == 2 and "printable ASCII" in proc.stderr, proc.stderr
 
 
+def test_default_replica_id() -> None:
+    from stepscore.runtime.service.config import default_replica_id
+
+    assert default_replica_id("127.0.0.1", 5001) == "127.0.0.1:5001"
+    assert default_replica_id("0.0.0.0", 5001) == f"{socket.gethostname()}:5001"  # not the same for every replica
+
+
 def test_target_forms() -> None:
     assert names_several("ipv4:127.0.0.1:5001,127.0.0.1:5002") and names_several("dns:///stepscore-headless:50051")
     assert not names_several("127.0.0.1:5001") and not names_several("ipv4:127.0.0.1:5001")

@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> None:
         "",
         str,
         "this replica's name, returned in every response's `stepscore-replica` metadata and in Info",
-        shown="host:port",
+        shown="host:port (the machine's name for a wildcard host)",
     )
     add_flag(g, "--grace-seconds", d.grace_seconds, float, "how long in-flight calls may take to finish on SIGTERM")
     add_flag(

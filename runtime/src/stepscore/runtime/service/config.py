@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,3 +49,11 @@ class ServerConfig:
         if len(self.replica_id) > 128 or not all(" " <= ch <= "~" for ch in self.replica_id):
             raise ConfigError("the replica id must be at most 128 printable ASCII characters (it is sent as metadata)")
         return self
+
+
+def default_replica_id(host: str, port: int) -> str:
+    """host:port, what the replica is reached at; the machine's name for a wildcard host (0.0.0.0, ::), which
+    every replica shares."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"

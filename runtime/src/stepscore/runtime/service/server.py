@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stepscore.errors import ConfigError
 from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.auth import BearerTokenInterceptor
-from stepscore.runtime.service.config import ServerConfig
+from stepscore.runtime.service.config import ServerConfig, default_replica_id
 from stepscore.runtime.service.metrics import Metrics
 from stepscore.runtime.service.servicer import StepScorerServicer, register
 from stepscore.v1 import stepscore_pb2 as pb
@@ -56,7 +56,7 @@ class Server:
             )
         self.port = self._bind()
         # named once the port is known: the default, host:port, is what the replica is reached at
-        self.replica_id = config.replica_id or f"{config.host}:{self.port}"
+        self.replica_id = config.replica_id or default_replica_id(config.host, self.port)
         servicer.replica_id = self.replica_id
         self._stopping: asyncio.Event | None = None
 
