@@ -56,8 +56,8 @@ class StepScorerServicer:
 
     def Score(self, request, context):
         """One request, one response.
-        Every response (unary and stream) carries `stepscore-replica` in its initial metadata: the replica that
-        answered. A failed call's trailing metadata carries `stepscore-field` (the offending request field of an
+        Every response (unary and stream, errors included) carries `stepscore-replica` in its initial metadata:
+        the replica that answered (not a refusal for a missing bearer token, which comes before the service). A failed call's trailing metadata carries `stepscore-field` (the offending request field of an
         INVALID_ARGUMENT, as in Error.field) and `stepscore-error-id` (an INTERNAL error's id in the server log).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
