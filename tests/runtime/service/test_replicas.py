@@ -82,7 +82,9 @@ def test_one_server_names_itself_in_metadata_and_info() -> None:
         stub = stub_cls(channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.Score.with_call(pb.ScoreRequest(problem="p"))  # no candidates: INVALID_ARGUMENT
-        assert ("stepscore-replica", s.target) in tuple(err.value.initial_metadata())
+        # an error's in the trailers (Trailers-Only, so that a client's retry policy may still retry it)
+        assert ("stepscore-replica", s.target) in tuple(err.value.trailing_metadata())
+        assert not err.value.initial_metadata()
         channel.close()
 
         async def stream() -> list[str]:
@@ -226,3 +228,28 @@ def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() ->
 def test_replica_flag_comes_from_the_environment() -> None:
     with serve(default_bundle(), env={"STEPSCORE_REPLICA_ID": "from-env"}) as s, Client(s.target) as client:
         assert client.info()["replica_id"] == "from-env"
+
+
+def test_a_draining_replica_leaves_the_ring_while_it_finishes_its_calls() -> None:
+    with ExitStack() as stack:
+        ports = [_free_port() for _ in range(3)]
+        servers = [
+            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i])))
+            for i in range(3)
+        ]
+        with Client(_target(servers), timeout=60) as client, ThreadPoolExecutor(1) as pool:
+            home = {k: client.score(_problem(k), _steps(k, 0), search_id=f"search-{k}").replica for k in range(SEARCHES)}
+            victim = home[0]
+            index = int(victim[1:])
+            heavy = pool.submit(client.score, _problem(0), HEAVY, search_id="search-0")
+            while _queued_tokens(ports[index]) < 10_000 and not heavy.done():
+                threading.Event().wait(0.005)
+            servers[index].proc.send_signal(signal.SIGTERM)  # drain: NOT_SERVING, refuse new calls, finish this one
+            # while the heavy call still runs there, the victim's searches are already answered elsewhere (the
+            # client watches health); without that, the retries would hash back to the draining replica
+            moved = {k: client.score(_problem(k), _steps(k, 1), search_id=f"search-{k}").replica for k in home}
+            assert not heavy.done(), "the drain ended before the calls: make the heavy call heavier"
+            assert all(moved[k] != victim for k in home if home[k] == victim), moved
+            assert all(moved[k] == home[k] for k in home if home[k] != victim), (home, moved)
+            assert heavy.result().replica == victim  # the drain let it finish
+            assert servers[index].proc.wait(timeout=60) == 0  # the drain ended by itself, exit 0

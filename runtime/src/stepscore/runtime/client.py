@@ -15,7 +15,8 @@ own with gRPC's `ring_hash` policy keyed on the `x-stepscore-search-id` header, 
 request with a `search_id`: every call of one search reaches one replica (the one holding its prefixes), and a
 replica's loss moves only its own searches. Calls without a search id carry no header; ring_hash then picks a
 random replica per call (measured on grpcio 1.85), so they spread. A call refused UNAVAILABLE (its replica died
-or is draining) is retried by gRPC's retry policy, on the next replica of the ring. `ScoreResult.replica` names
+or is draining) is retried by gRPC's retry policy, on the next replica of the ring; the client also watches each
+replica's health, so a draining one (NOT_SERVING) leaves the ring before it refuses anything. `ScoreResult.replica` names
 the replica that answered (its `stepscore-replica` response metadata). A target naming one server keeps gRPC's
 default policy, pick_first, and no retries unless `retry=True` (behind a proxy such as deploy/nginx/nginx.conf,
 which cannot replay a call its replica dropped, but answers UNAVAILABLE: the client's retry then goes through the
@@ -84,6 +85,10 @@ def service_config(attempts: int = RETRY_ATTEMPTS, ring_hash: bool = True) -> st
     }
     if ring_hash:
         config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
+        # watch each replica's grpc.health.v1 status: one that starts draining (NOT_SERVING) leaves the ring at
+        # once, so its searches move on while it finishes its in-flight calls (retries alone would keep hashing
+        # to it and get UNAVAILABLE until it exits)
+        config["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(config)
 
 

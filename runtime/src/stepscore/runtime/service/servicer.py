@@ -122,8 +122,9 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
             status = to_status(exc)
             self._observe("Score", status.code, started, None)
-            await context.send_initial_metadata(self._replica())
-            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata())
+            # an error names its replica in the trailers: initial metadata would make it a committed response,
+            # and gRPC clients never retry those (a draining replica's UNAVAILABLE must stay retryable)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata() + self._replica())
         self._observe("Score", grpc.StatusCode.OK, started, result)
         # sent with the answer, not on arrival: a call whose replica dies before it answers has received
         # nothing yet, so the client's retry policy may still send it to another replica
