@@ -5,6 +5,7 @@ over all three; a replica killed with SIGKILL mid-run costs retries, not errors,
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -110,6 +111,17 @@ def test_default_replica_id() -> None:
 
     assert default_replica_id("127.0.0.1", 5001) == "127.0.0.1:5001"
     assert default_replica_id("0.0.0.0", 5001) == f"{socket.gethostname()}:5001"  # not the same for every replica
+
+
+def test_service_config_variants() -> None:
+    from stepscore.runtime.client import service_config
+
+    full = json.loads(service_config())
+    assert full["loadBalancingConfig"] == [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
+    assert full["healthCheckConfig"] == {"serviceName": ""}
+    assert full["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert "methodConfig" not in json.loads(service_config(retry=False))  # still balanced, no retries
+    assert set(json.loads(service_config(ring_hash=False))) == {"methodConfig"}  # one address behind a proxy
 
 
 def test_target_forms() -> None:

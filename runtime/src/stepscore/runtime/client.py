@@ -66,11 +66,12 @@ def names_several(target: str) -> bool:
     return (scheme in ("ipv4", "ipv6") and "," in rest) or scheme == "dns"
 
 
-def service_config(attempts: int = RETRY_ATTEMPTS, ring_hash: bool = True) -> str:
-    """gRPC service config (JSON): retries on UNAVAILABLE (a replica that died or is draining) and, for several
-    replicas, ring_hash on the search-id header, which sends a retry to the next replica on the ring."""
-    config: dict[str, Any] = {
-        "methodConfig": [
+def service_config(ring_hash: bool = True, retry: bool = True, attempts: int = RETRY_ATTEMPTS) -> str:
+    """gRPC service config (JSON): for several replicas, ring_hash on the search-id header with health checking;
+    with `retry`, retries on UNAVAILABLE (a replica that died), which ring_hash sends to the next replica."""
+    config: dict[str, Any] = {}
+    if retry:
+        config["methodConfig"] = [
             {
                 "name": [{"service": pb.DESCRIPTOR.services_by_name["StepScorer"].full_name}],
                 "retryPolicy": {
@@ -81,8 +82,7 @@ def service_config(attempts: int = RETRY_ATTEMPTS, ring_hash: bool = True) -> st
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ],
-    }
+        ]
     if ring_hash:
         config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
         # watch each replica's grpc.health.v1 status: one that starts draining (NOT_SERVING) leaves the ring at
@@ -136,8 +136,9 @@ def _channel(
         ("grpc.max_send_message_length", max_bytes),
     ]
     several = names_several(target)
-    if retry if retry is not None else several:
-        options.append(("grpc.service_config", service_config(ring_hash=several)))
+    retry = several if retry is None else retry
+    if several or retry:
+        options.append(("grpc.service_config", service_config(ring_hash=several, retry=retry)))
     if tls or root_ca or cert:
         creds = grpc.ssl_channel_credentials(
             root_certificates=root_ca.read_bytes() if root_ca else None,
