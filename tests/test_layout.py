@@ -144,8 +144,8 @@ def test_no_import_cycles_among_stepscore_modules() -> None:
 
 
 # A repository path as docs and comments write it: starts at a top-level folder, no spaces.
-PATH = re.compile(r"(?<![\w./-])((?:runtime|export|protos|tests|benchmarks|docs|\.ci)/[\w./-]*\w)")
-DOC_SUFFIXES = {".md", ".py", ".proto", ".toml", ".js", ".yaml", ".yml"}
+PATH = re.compile(r"(?<![\w./-])((?:runtime|export|protos|tests|benchmarks|docs|deploy|\.ci)/[\w./-]*\w)")
+DOC_SUFFIXES = {".md", ".py", ".proto", ".toml", ".js", ".yaml", ".yml", ".conf"}
 
 
 def _named_paths() -> Iterator[tuple[Path, str]]:
@@ -197,7 +197,9 @@ def test_every_stepscore_module_named_in_docs_and_comments_exists() -> None:
     assert not missing, "\n".join(sorted(missing))
 
 
-@pytest.mark.parametrize("pattern", ["docs/*.md", "*.md", "runtime/*.md", "export/*.md", "benchmarks/**/*.md"])
+@pytest.mark.parametrize(
+    "pattern", ["docs/*.md", "*.md", "runtime/*.md", "export/*.md", "benchmarks/**/*.md", "deploy/**/*.md"]
+)
 def test_markdown_links_resolve(pattern: str) -> None:
     for doc in ROOT.glob(pattern):
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):

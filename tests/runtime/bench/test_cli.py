@@ -141,3 +141,45 @@ def test_ctrl_c_still_writes_a_labelled_report(
     data = json.loads((out / "results.json").read_text())
     assert [p["system"] for p in data["points"]] == ["engine"]  # what was measured is kept
     assert any("interrupted" in line for line in data["meta"]["partial"])
+
+
+def test_bench_against_several_replicas_reports_where_calls_went(tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from stepscore.runtime.default_model import default_bundle
+    from tests.helpers.server import serve
+
+    with ExitStack() as stack:
+        servers = [stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}")) for i in range(3)]
+        out = tmp_path / "out"
+        argv = [
+            "--target", ",".join(s.target for s in servers),
+            "--workload", "arith-beam",
+            "--limit", "24",
+            "--concurrency", "4",
+            "--rate-fractions", "",
+            "--warmup", "0",
+            "--out", str(out),
+        ]  # fmt: skip
+        args = _args(*argv)
+        assert args.run(args, argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {p["system"] for p in data["points"]} == {"service-affinity", "service-no-affinity"}
+    assert all(p["errors"] == 0 for p in data["points"])
+    systems = data["meta"]["systems"]
+    affinity, spread = systems["service-affinity"], systems["service-no-affinity"]
+    # with affinity every search (problem) stays on one replica; without, calls of a search scatter
+    kept = [int(text.split("searches on one replica ")[1].split("/")[0]) for text in (affinity, spread)]
+    total = int(affinity.split("searches on one replica ")[1].split("/")[1].split()[0])
+    assert kept[0] == total > kept[1], (affinity, spread)
+    assert "r0" in affinity and "r1" in affinity and "r2" in affinity
+    assert "per replica" in (out / "results.md").read_text()
+
+
+def test_replica_targets() -> None:
+    assert cli.client_target("127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert cli.client_target("127.0.0.1:1") == "127.0.0.1:1"
+    assert cli.several_replicas("127.0.0.1:1,127.0.0.1:2") and cli.several_replicas("dns:///stepscore-headless:50051")
+    assert not cli.several_replicas("127.0.0.1:1")
+    with pytest.raises(ConfigError, match="several replicas"):
+        cli.plan_systems(_args("--target", "127.0.0.1:1,127.0.0.1:2", "--metrics-url", "http://127.0.0.1:9/metrics"))

@@ -9,6 +9,24 @@
         async for item in client.score_stream(requests):   # answers as they finish, any order
             print(item.request_id, item.result or item.error)
 
+Scale out: a target may name several replicas, `ipv4:127.0.0.1:5001,127.0.0.1:5002` (or `ipv6:...`), or a
+`dns:///name:port` that resolves to several (a Kubernetes headless Service). The client then balances on its
+own with gRPC's `ring_hash` policy keyed on the `x-stepscore-search-id` header, which it sends for every
+request with a `search_id`: every call of one search reaches one replica (the one holding its prefixes), and a
+replica's loss moves only its own searches. Calls without a search id carry no header; ring_hash then picks a
+random replica per call (measured on grpcio 1.85), so they spread. A call refused UNAVAILABLE (its replica died
+or is draining) is retried by gRPC's retry policy, on the next replica of the ring; the client also watches each
+replica's health, so a draining one (NOT_SERVING) leaves the ring before it refuses anything. `ScoreResult.replica` names
+the replica that answered (its `stepscore-replica` response metadata). A target naming one server keeps gRPC's
+default policy, pick_first, and no retries unless `retry=True` (behind a proxy such as deploy/nginx/nginx.conf,
+which cannot replay a call its replica dropped, but answers UNAVAILABLE: the client's retry then goes through the
+proxy to another replica). `retry=False` turns retries off for several servers too.
+
+grpcio reads a ring_hash config's `requestHashHeader` only when `GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY`
+is true (without it every call fails INTERNAL "hash attribute not present"): importing this module sets it
+(unless the environment already sets it) before any channel of ours exists; grpc reads it when a channel
+parses its service config, so a process that imported grpc earlier is fine too.
+
 Errors come back as the same `stepscore.errors` types the engine raises (InvalidRequest with its `field`,
 Overloaded, DeadlineExceeded, InternalError with its `error_id`, ...), through the one status table
 (`stepscore.runtime.service.status`).
@@ -17,6 +35,7 @@ Overloaded, DeadlineExceeded, InternalError with its `error_id`, ...), through t
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -24,14 +43,58 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
+# before gRPC parses any service config of ours (see the module docstring); setdefault keeps a user's choice
+os.environ.setdefault("GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY", "true")
+
+import grpc  # after the variable above
 
 from stepscore.errors import StepscoreError, Unavailable
-from stepscore.runtime.service.convert import request_to_proto, result_from_proto
+from stepscore.runtime.service.convert import REPLICA_HEADER, SEARCH_ID_HEADER, request_to_proto, result_from_proto
 from stepscore.runtime.service.status import code_from_number, from_rpc_error, from_status
 from stepscore.runtime.types import ScoreRequest, ScoreResult, TokenIds
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
+
+RETRY_ATTEMPTS = 5  # per call, the first included: a dead replica costs a retry on the next one, not an error
+
+
+def names_several(target: str) -> bool:
+    """Whether a target may resolve to several servers: an address list or a DNS name (a headless Service)."""
+    scheme, _, rest = target.partition(":")
+    return (scheme in ("ipv4", "ipv6") and "," in rest) or scheme == "dns"
+
+
+def service_config(ring_hash: bool = True, retry: bool = True, attempts: int = RETRY_ATTEMPTS) -> str:
+    """gRPC service config (JSON): for several replicas, ring_hash on the search-id header with health checking;
+    with `retry`, retries on UNAVAILABLE (a replica that died), which ring_hash sends to the next replica."""
+    config: dict[str, Any] = {}
+    if retry:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": pb.DESCRIPTOR.services_by_name["StepScorer"].full_name}],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    if ring_hash:
+        config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
+        # watch each replica's grpc.health.v1 status: one that starts draining (NOT_SERVING) leaves the ring at
+        # once, so its searches move on while it finishes its in-flight calls (retries alone would keep hashing
+        # to it and get UNAVAILABLE until it exits)
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
+
+
+def _replica(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REPLICA_HEADER:
+            return str(value)
+    return ""
 
 
 @dataclass(frozen=True)
@@ -54,10 +117,26 @@ def _request(
 
 
 def _channel(
-    api: Any, target: str, tls: bool, root_ca: Path | None, cert: Path | None, key: Path | None, max_bytes: int
+    api: Any,
+    target: str,
+    tls: bool,
+    root_ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    max_bytes: int,
+    retry: bool | None = None,
 ) -> Any:
-    """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given."""
-    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+    """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given;
+    ring_hash and retries for several replicas, retries alone for one address when `retry` (a proxy in front of
+    replicas, such as deploy/nginx/nginx.conf, answers UNAVAILABLE for a call whose replica died)."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+    ]
+    several = names_several(target)
+    retry = several if retry is None else retry
+    if several or retry:
+        options.append(("grpc.service_config", service_config(ring_hash=several, retry=retry)))
     if tls or root_ca or cert:
         creds = grpc.ssl_channel_credentials(
             root_certificates=root_ca.read_bytes() if root_ca else None,
@@ -89,11 +168,17 @@ class _Base:
         key: Path | None = None,
         timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
+        retry: bool | None = None,
     ) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
-        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes)
+        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes, retry)
         self._stub = _stub(self._channel)
+
+    def _call_metadata(self, search_id: str) -> tuple[tuple[str, str], ...] | None:
+        """The call's metadata: the token, and the search id that ring_hash routes by."""
+        pairs = (*(self._metadata or ()), *(((SEARCH_ID_HEADER, search_id),) if search_id else ()))
+        return pairs or None
 
 
 class Client(_Base):
@@ -108,10 +193,12 @@ class Client(_Base):
     ) -> ScoreResult:
         request = _request(problem, candidates, options)
         try:
-            reply = self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
+            reply, call = self._stub.Score.with_call(
+                request_to_proto(request), timeout=timeout or self._timeout, metadata=self._call_metadata(request.search_id)
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return result_from_proto(reply)
+        return result_from_proto(reply, _replica(call.initial_metadata()))
 
     def info(self) -> dict[str, Any]:
         try:
@@ -171,13 +258,21 @@ class AsyncClient(_Base):
     ) -> ScoreResult:
         request = _request(problem, candidates, options)
         try:
-            reply = await self._stub.Score(request_to_proto(request), timeout=timeout or self._timeout, metadata=self._metadata)
+            call = self._stub.Score(
+                request_to_proto(request), timeout=timeout or self._timeout, metadata=self._call_metadata(request.search_id)
+            )
+            reply = await call
+            replica = _replica(await call.initial_metadata())
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return result_from_proto(reply)
+        return result_from_proto(reply, replica)
 
-    async def score_stream(self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest]) -> AsyncIterator[StreamItem]:
-        """Send requests on one stream; yield each answer as soon as the server sends it."""
+    async def score_stream(
+        self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest], search_id: str = ""
+    ) -> AsyncIterator[StreamItem]:
+        """Send requests on one stream; yield each answer as soon as the server sends it.
+
+        A stream is one call, routed once: `search_id` (not the requests' own) picks its replica."""
 
         async def produce() -> AsyncIterator[Any]:
             if isinstance(requests, Sequence):
@@ -187,13 +282,16 @@ class AsyncClient(_Base):
                 async for r in requests:
                     yield request_to_proto(r)
 
-        call = self._stub.ScoreStream(produce(), timeout=self._timeout, metadata=self._metadata)
+        call = self._stub.ScoreStream(produce(), timeout=self._timeout, metadata=self._call_metadata(search_id))
         answered = False
+        replica: str | None = None
         try:
             async for msg in call:
                 answered = True
+                if replica is None:
+                    replica = _replica(await call.initial_metadata())
                 if msg.WhichOneof("result") == "response":
-                    yield StreamItem(msg.request_id, result=result_from_proto(msg.response))
+                    yield StreamItem(msg.request_id, result=result_from_proto(msg.response, replica))
                 else:
                     code = code_from_number(msg.error.code)
                     error = from_status(code, msg.error.message, msg.error.field, msg.error.error_id)
@@ -227,4 +325,4 @@ class AsyncClient(_Base):
         await self.close()
 
 
-__all__ = ["AsyncClient", "Client", "StreamItem"]
+__all__ = ["SEARCH_ID_HEADER", "AsyncClient", "Client", "StreamItem", "names_several", "service_config"]

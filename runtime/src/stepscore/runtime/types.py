@@ -49,6 +49,9 @@ class ScoreRequest:
     # Steps every text candidate starts with (beam search: the kept beam; candidates are next steps).
     # The engine shares them whatever the shape of the request; this only saves sending them N times.
     prefix_steps: Sequence[str] = ()
+    # The search this call belongs to: clients route by it (every call of one search reaches one replica,
+    # see stepscore.runtime.client); a later prefix cache keys eviction on it. "": no search.
+    search_id: str = ""
 
     def steps_of(self, candidate: Sequence[str]) -> list[str]:
         """A text candidate's whole chain: the prefix steps, then its own."""
@@ -89,3 +92,4 @@ class ScoreResult:
     candidates: list[CandidateScore]
     timing: Timing = field(default_factory=Timing)
     request_id: str = ""
+    replica: str = ""  # the replica that answered (its `stepscore-replica` metadata), filled in by the client

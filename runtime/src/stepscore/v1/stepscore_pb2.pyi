@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "problem", "candidates", "aggregates", "return_step_scores", "truncate_left", "soft_min_temperature", "timeout_ms", "prefix_steps")
+    __slots__ = ("request_id", "problem", "candidates", "aggregates", "return_step_scores", "truncate_left", "soft_min_temperature", "timeout_ms", "prefix_steps", "search_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class ScoreRequest(_message.Message):
     SOFT_MIN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     problem: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -26,7 +27,8 @@ class ScoreRequest(_message.Message):
     soft_min_temperature: float
     timeout_ms: int
     prefix_steps: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., problem: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., aggregates: _Optional[_Iterable[str]] = ..., return_step_scores: _Optional[bool] = ..., truncate_left: _Optional[bool] = ..., soft_min_temperature: _Optional[float] = ..., timeout_ms: _Optional[int] = ..., prefix_steps: _Optional[_Iterable[str]] = ...) -> None: ...
+    search_id: str
+    def __init__(self, request_id: _Optional[str] = ..., problem: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., aggregates: _Optional[_Iterable[str]] = ..., return_step_scores: _Optional[bool] = ..., truncate_left: _Optional[bool] = ..., soft_min_temperature: _Optional[float] = ..., timeout_ms: _Optional[int] = ..., prefix_steps: _Optional[_Iterable[str]] = ..., search_id: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("steps", "tokens")
@@ -118,7 +120,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "family", "preset", "precision", "max_seq_len", "max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_receive_message_bytes", "max_send_message_bytes", "devices", "aggregates", "stepscore_version", "onnxruntime_version", "grpc_version", "format_description", "manifest_json", "max_candidates", "max_steps_per_candidate", "max_problem_chars", "max_step_chars", "max_request_chars", "max_stream_inflight", "stream_stall_seconds")
+    __slots__ = ("model", "family", "preset", "precision", "max_seq_len", "max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_receive_message_bytes", "max_send_message_bytes", "devices", "aggregates", "stepscore_version", "onnxruntime_version", "grpc_version", "format_description", "manifest_json", "max_candidates", "max_steps_per_candidate", "max_problem_chars", "max_step_chars", "max_request_chars", "max_stream_inflight", "stream_stall_seconds", "replica_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +145,7 @@ class InfoResponse(_message.Message):
     MAX_REQUEST_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     STREAM_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     preset: str
@@ -167,4 +170,5 @@ class InfoResponse(_message.Message):
     max_request_chars: int
     max_stream_inflight: int
     stream_stall_seconds: float
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., preset: _Optional[str] = ..., precision: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., stepscore_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., format_description: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_steps_per_candidate: _Optional[int] = ..., max_problem_chars: _Optional[int] = ..., max_step_chars: _Optional[int] = ..., max_request_chars: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., stream_stall_seconds: _Optional[float] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., preset: _Optional[str] = ..., precision: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., stepscore_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., format_description: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_steps_per_candidate: _Optional[int] = ..., max_problem_chars: _Optional[int] = ..., max_step_chars: _Optional[int] = ..., max_request_chars: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., stream_stall_seconds: _Optional[float] = ..., replica_id: _Optional[str] = ...) -> None: ...

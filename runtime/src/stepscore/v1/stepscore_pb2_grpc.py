@@ -56,7 +56,9 @@ class StepScorerServicer:
 
     def Score(self, request, context):
         """One request, one response.
-        A failed call's trailing metadata carries `stepscore-field` (the offending request field of an
+        Every answer names the replica that gave it as `stepscore-replica`: in the initial metadata of a response
+        or a stream, in the trailing metadata of a failed call (a Trailers-Only answer, which clients may retry);
+        not a refusal for a missing bearer token, which comes before the service. A failed call's trailing metadata carries `stepscore-field` (the offending request field of an
         INVALID_ARGUMENT, as in Error.field) and `stepscore-error-id` (an INTERNAL error's id in the server log).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -79,7 +79,15 @@ def add_parser(sub: Any) -> None:
     # the flag form of BUNDLE from earlier versions, kept so that recorded commands still run
     p.add_argument("--bundle", dest="bundle_flag", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("what to drive")
-    add_flag(g, "--target", "", str, "a running `stepscore serve` at HOST:PORT (instead of BUNDLE)", scope=SCOPE)
+    add_flag(
+        g,
+        "--target",
+        "",
+        str,
+        "a running `stepscore serve` at HOST:PORT (instead of BUNDLE); several replicas as A,B,C (or ipv4:A,B / "
+        "dns:///NAME:PORT): runs with search affinity and without, and reports the calls per replica",
+        scope=SCOPE,
+    )
     add_flag(g, "--metrics-url", "", str, "the server's Prometheus endpoint (batch fill and padding for --target)", scope=SCOPE)
     add_flag(g, "--token", "", str, "bearer token for --target (prefer the environment variable)")
     add_switch(g, "--serve", "start `stepscore serve BUNDLE --port 0` and benchmark it too", scope=SCOPE)
@@ -177,6 +185,21 @@ def serve_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def several_replicas(target: str) -> bool:
+    """Whether a --target names several servers: A,B,C (HOST:PORT each) or a gRPC target that may resolve to
+    several (ipv4:A,B / dns:///name:port)."""
+    from stepscore.runtime.client import names_several
+
+    return bool(target) and names_several(client_target(target))
+
+
+def client_target(target: str) -> str:
+    """A --target of several HOST:PORT as the gRPC target the client balances over (ipv4: needs IP addresses)."""
+    if target.startswith(("ipv4:", "ipv6:", "dns:")) or "," not in target:
+        return target
+    return "ipv4:" + target
+
+
 def plan_systems(args: argparse.Namespace) -> list[Callable[[], System]]:
     """Factories of the systems to run, in order (each is built, run and closed before the next)."""
     given = given_bundle(args)
@@ -192,6 +215,8 @@ def plan_systems(args: argparse.Namespace) -> list[Callable[[], System]]:
         raise ConfigError("--serve starts its own server: do not also pass --target")
     if args.metrics_url and not args.target:
         raise ConfigError("--metrics-url is for a server given by --target (--serve scrapes its own)")
+    if args.metrics_url and several_replicas(args.target):
+        raise ConfigError("--metrics-url names one server's metrics: not for a --target naming several replicas")
     if (args.serve or args.hf_model) and bundle is None:
         raise ConfigError("--serve and --hf-model need BUNDLE (a --target server's bundle is not known here)")
 
@@ -214,6 +239,14 @@ def plan_systems(args: argparse.Namespace) -> list[Callable[[], System]]:
     if want("service", bool(args.target or args.serve), "needs --target or --serve"):
         if args.serve:
             factories.append(lambda: ServiceSystem.spawn(need_bundle(), serve_args(args), args.token or None))
+        elif several_replicas(args.target):
+            # several replicas: the same traffic with search affinity, then without (random replica per call)
+            target, token = client_target(args.target), args.token or None
+
+            def replicas(affinity: bool, name: str) -> Callable[[], System]:
+                return lambda: ServiceSystem(target, None, token, name=name, affinity=affinity)
+
+            factories += [replicas(True, "service-affinity"), replicas(False, "service-no-affinity")]
         else:
             factories.append(lambda: ServiceSystem(args.target, args.metrics_url or None, args.token or None))
     if want("naive-ort", bundle is not None, "needs BUNDLE"):
@@ -381,6 +414,10 @@ async def run_systems(
                 except (StepscoreError, OSError) as exc:
                     outcome.missing.append(f"{system.name} on {workload.name}: {exc}")
                     progress(f"-- {system.name} on {workload.name}: stopped: {exc}")
+            routing = system.routing() if isinstance(system, ServiceSystem) else ""
+            if routing:  # several replicas: where the calls went, beside the system in the report
+                outcome.described[system.name] += f"; {routing}"
+                progress(f"-- {system.name}: {routing}")
         finally:
             await system.close()
     return outcome

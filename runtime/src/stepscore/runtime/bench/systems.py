@@ -18,6 +18,7 @@ import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +281,7 @@ class ServiceSystem:
         token: str | None = None,
         name: str = "service",
         server: LocalServer | None = None,
+        affinity: bool | None = None,
     ) -> None:
         self.name = name
         self.target = target
@@ -288,6 +291,12 @@ class ServiceSystem:
         self._client: Any = None
         self._max_batch_tokens: int | None = None
         self.description = ""
+        # Several replicas (a target naming several servers): with `affinity`, every request carries its
+        # problem as the search id (a workload's search is its problem), so the client's ring_hash keeps a
+        # search on one replica; without, no search id, and each call goes to a random replica.
+        self.affinity = affinity
+        self.replica_calls: Counter[str] = Counter()
+        self.search_replicas: dict[str, set[str]] = defaultdict(set)
 
     @property
     def server(self) -> LocalServer | None:
@@ -323,8 +332,27 @@ class ServiceSystem:
     async def score(self, request: ScoreRequest) -> ScoreResult:
         if self._client is None:
             raise StepscoreError(f"{self.name}: setup() was not called")
+        if self.affinity is not None:
+            request = dataclasses.replace(request, search_id=request.problem if self.affinity else "")
         result: ScoreResult = await self._client.score(request)
+        if self.affinity is not None:
+            self.replica_calls[result.replica] += 1
+            self.search_replicas[request.problem].add(result.replica)
         return result
+
+    def routing(self) -> str:
+        """Where the calls went, for the report: calls per replica, and the share of searches (problems) whose
+        every call reached one replica (what a per-replica prefix cache needs)."""
+        total = sum(self.replica_calls.values())
+        if not total:
+            return ""
+        shares = ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(self.replica_calls.items()))
+        kept = sum(1 for where in self.search_replicas.values() if len(where) == 1)
+        searches = len(self.search_replicas)
+        return (
+            f"{'search affinity' if self.affinity else 'no search id (random replica per call)'}: {total} calls, "
+            f"per replica {shares}; searches on one replica {kept}/{searches} ({100 * kept / searches:.0f}%)"
+        )
 
     async def counters(self) -> BatchCounters | None:
         if not self.metrics_url:

@@ -46,6 +46,14 @@ def add_parser(sub: Any) -> None:
     add_flag(g, "--metrics-port", 0, int, "serve Prometheus metrics on this port", shown="off")
     add_flag(g, "--metrics-host", d.metrics_host, str, "address the metrics port binds (0.0.0.0 for a remote scraper)")
     add_switch(g, "--reflection", "enable gRPC server reflection (for grpcurl)")
+    add_flag(
+        g,
+        "--replica-id",
+        "",
+        str,
+        "this replica's name, returned in every response's `stepscore-replica` metadata and in Info",
+        shown="host:port (the machine's name for a wildcard host)",
+    )
     add_flag(g, "--grace-seconds", d.grace_seconds, float, "how long in-flight calls may take to finish on SIGTERM")
     add_flag(
         g,
@@ -90,6 +98,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         grace_seconds=args.grace_seconds,
         max_stream_inflight=args.max_stream_inflight,
         stream_stall_seconds=args.stream_stall_seconds,
+        replica_id=args.replica_id,
     ).check()
 
 

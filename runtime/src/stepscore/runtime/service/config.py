@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class ServerConfig:
     max_stream_inflight: int = 64
     # a stream whose client reads no answer for this long is closed with RESOURCE_EXHAUSTED, its work dropped
     stream_stall_seconds: float = 30.0
+    replica_id: str = ""  # this replica's name in responses (metadata `stepscore-replica`, Info); "": host:port
 
     def check(self) -> ServerConfig:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -56,4 +58,15 @@ class ServerConfig:
             raise ConfigError(f"stream_stall_seconds must be positive, got {self.stream_stall_seconds}")
         if self.metrics_port and not self.metrics_host:
             raise ConfigError("metrics need an address to bind (--metrics-host)")
+        # it travels as a gRPC metadata value: printable ASCII only, and short
+        if len(self.replica_id) > 128 or not all(" " <= ch <= "~" for ch in self.replica_id):
+            raise ConfigError("the replica id must be at most 128 printable ASCII characters (it is sent as metadata)")
         return self
+
+
+def default_replica_id(host: str, port: int) -> str:
+    """host:port, what the replica is reached at; the machine's name for a wildcard host (0.0.0.0, ::), which
+    every replica shares."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"

@@ -14,6 +14,10 @@ from stepscore.errors import InvalidRequest
 from stepscore.runtime.types import CandidateScore, ScoreRequest, ScoreResult, Timing, TokenIds
 from stepscore.v1 import stepscore_pb2 as pb
 
+# Metadata keys of the scale-out contract (docs: README "Scale out", deploy/README.md).
+REPLICA_HEADER = "stepscore-replica"  # response initial metadata: the replica that answered
+SEARCH_ID_HEADER = "x-stepscore-search-id"  # request header: what ring_hash, nginx and Envoy hash on
+
 
 def candidate_views(msg: Any) -> list[Sequence[str] | TokenIds]:
     """The candidates of a ScoreRequest message as the runtime sees them, without copying their contents:
@@ -55,6 +59,7 @@ def request_from_proto(msg: Any, grpc_deadline: float | None = None) -> ScoreReq
         deadline=deadline,
         request_id=msg.request_id,
         prefix_steps=tuple(msg.prefix_steps),
+        search_id=msg.search_id,
     )
 
 
@@ -67,6 +72,7 @@ def request_to_proto(request: ScoreRequest) -> Any:
         truncate_left=request.truncate_left,
         soft_min_temperature=request.soft_min_temperature,
         prefix_steps=list(request.prefix_steps),
+        search_id=request.search_id,
     )
     for cand in request.candidates:
         if isinstance(cand, TokenIds):
@@ -98,7 +104,7 @@ def result_to_proto(result: ScoreResult) -> Any:
     return msg
 
 
-def result_from_proto(msg: Any) -> ScoreResult:
+def result_from_proto(msg: Any, replica: str = "") -> ScoreResult:
     t = msg.timing
     return ScoreResult(
         candidates=[
@@ -112,4 +118,5 @@ def result_from_proto(msg: Any) -> ScoreResult:
         ],
         timing=Timing(queue_ms=t.queue_ms, tokenize_ms=t.tokenize_ms, compute_ms=t.compute_ms, total_ms=t.total_ms),
         request_id=msg.request_id,
+        replica=replica,
     )

@@ -21,7 +21,7 @@ from stepscore.errors import ConfigError
 from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.auth import BearerTokenInterceptor
 from stepscore.runtime.service.calls import CallMetrics
-from stepscore.runtime.service.config import ServerConfig
+from stepscore.runtime.service.config import ServerConfig, default_replica_id
 from stepscore.runtime.service.metrics import Metrics
 from stepscore.runtime.service.servicer import StepScorerServicer, register
 from stepscore.v1 import stepscore_pb2 as pb
@@ -55,7 +55,8 @@ class Server:
                 reason = exc.strerror or str(exc)
                 raise ConfigError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {reason}") from None
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        register(StepScorerServicer(engine, config, self.metrics), self.server)
+        servicer = StepScorerServicer(engine, config, self.metrics)
+        register(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -69,6 +70,9 @@ class Server:
         except ConfigError:
             self.metrics.close()
             raise
+        # named once the port is known: the default, host:port, is what the replica is reached at
+        self.replica_id = config.replica_id or default_replica_id(config.host, self.port)
+        servicer.replica_id = self.replica_id
         self._stopping: asyncio.Event | None = None
 
     def _bind(self) -> int:
@@ -91,6 +95,8 @@ class Server:
         return int(port)
 
     async def start(self) -> None:
+        """Health says SERVING only at the end: the engine's sessions were warmed up when it was built (a
+        first run of every graph), so a readiness probe or a load balancer never sends work to a cold replica."""
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -126,13 +132,14 @@ class Server:
         info = self.engine.info()
         metrics = f", metrics on :{self.config.metrics_port}" if self.config.metrics_port else ""
         log.info(
-            "serving %s (%s, %s) on %s://%s:%d, devices %s%s",
+            "serving %s (%s, %s) on %s://%s:%d as replica %s, devices %s%s",
             info.model,
             info.preset,
             info.precision,
             scheme,
             self.config.host,
             self.port,
+            self.replica_id,
             ",".join(info.devices),
             metrics,
         )

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from stepscore.errors import DeadlineExceeded, InvalidRequest, MessageTooLarge, Overloaded, StepscoreError
 from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.config import ServerConfig
-from stepscore.runtime.service.convert import candidate_views, request_from_proto, result_to_proto
+from stepscore.runtime.service.convert import REPLICA_HEADER, candidate_views, request_from_proto, result_to_proto
 from stepscore.runtime.service.metrics import Metrics
 from stepscore.runtime.service.status import to_status
 from stepscore.runtime.service.streams import StreamShares, pump
@@ -83,6 +83,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         self._streams = StreamShares(
             config.max_stream_inflight, engine.config.max_queued_requests, engine.config.max_queued_tokens
         )
+        self.replica_id = config.replica_id  # the server sets the resolved name (host:port) once bound
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -122,6 +123,9 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
         return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
 
+    def _replica(self) -> tuple[tuple[str, str], ...]:
+        return ((REPLICA_HEADER, self.replica_id),)
+
     def _observe(self, method: str, code: grpc.StatusCode, started: float, result: ScoreResult | None) -> None:
         if self._metrics is not None:
             self._metrics.observe_request(method, code.name, time.perf_counter() - started, result)
@@ -147,14 +151,21 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
             status = to_status(exc)
             self._observe("Score", status.code, started, None)
-            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata())
+            # an error names its replica in the trailers: initial metadata would make it a committed response,
+            # and gRPC clients never retry those (a draining replica's UNAVAILABLE must stay retryable)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata() + self._replica())
         self._observe("Score", grpc.StatusCode.OK, started, result)
+        # sent with the answer, not on arrival: a call whose replica dies before it answers has received
+        # nothing yet, so the client's retry policy may still send it to another replica
+        await context.send_initial_metadata(self._replica())
         return result_to_proto(result)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Reads and writes through the context, so that it can stop reading (flow control) and notice a
         client that stops reading (stepscore.runtime.service.streams)."""
         del request_iterator
+        # the replica's name first: a stream is routed once, and its client reads the name before any answer
+        await context.send_initial_metadata(self._replica())
         seen: set[str] = set()
         stream_deadline = self._deadline(context)
 
@@ -214,7 +225,8 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             quota.close()
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        del request, context  # no fields
+        del request  # no fields
+        await context.send_initial_metadata(self._replica())
         info = self._engine.info()
         cfg = self._engine.config
         return pb.InfoResponse(
@@ -242,4 +254,5 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             max_request_chars=self._limits.max_request_chars,
             max_stream_inflight=self._config.max_stream_inflight,
             stream_stall_seconds=self._config.stream_stall_seconds,
+            replica_id=self.replica_id,
         )
