@@ -22,7 +22,7 @@ from stepscore.runtime.client import AsyncClient, Client
 from stepscore.runtime.default_model import default_bundle
 from stepscore.runtime.types import ScoreRequest
 from tests.helpers.server import serve
-from tests.runtime.service.test_replicas import HEAVY, _queued_tokens
+from tests.runtime.service.test_replicas import HEAVY, HEAVY_LIMIT, _queued_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "deploy/nginx/nginx.conf"
@@ -121,7 +121,7 @@ def test_a_replica_killed_behind_nginx_costs_a_client_retry(tmp_path: Path) -> N
     with ExitStack() as stack:
         ports = [_free_port() for _ in range(3)]
         servers = [
-            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i])))
+            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i]), *HEAVY_LIMIT))
             for i in range(3)
         ]
         address = stack.enter_context(nginx_in_front([s.target for s in servers], tmp_path))

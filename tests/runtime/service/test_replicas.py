@@ -47,6 +47,10 @@ HEAVY = [
 ]
 
 
+# the heavy call is over the default candidate limit (1024): the replicas that take it allow it
+HEAVY_LIMIT = ("--max-candidates", str(len(HEAVY)))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +181,7 @@ def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() ->
     with ExitStack() as stack:
         ports = [_free_port() for _ in range(3)]
         servers = [
-            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i])))
+            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i]), *HEAVY_LIMIT))
             for i in range(3)
         ]
         by_name = {f"r{i}": (s, ports[i]) for i, s in enumerate(servers)}
@@ -195,6 +199,8 @@ def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() ->
                 nonlocal done
                 out = []
                 for c in range(CALLS):
+                    if c == CALLS // 2:
+                        killed.wait(timeout=300)  # every search makes half its calls before the kill, half after
                     result = client.score(_problem(k), _steps(k, c), search_id=f"search-{k}")
                     out.append((c, result))
                     with lock:
@@ -203,7 +209,8 @@ def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() ->
                             halfway.set()
                 return out
 
-            with ThreadPoolExecutor(7) as pool:
+            killed = threading.Event()
+            with ThreadPoolExecutor(SEARCHES + 2) as pool:
                 futures = {k: pool.submit(search, k) for k in range(SEARCHES)}
                 halfway.wait(timeout=120)
                 # one call certainly in flight on the victim when it dies: a heavy one of search 0 (whose home it
@@ -214,8 +221,9 @@ def test_a_replica_killed_mid_run_loses_no_call_and_moves_only_its_searches() ->
                 while _queued_tokens(victim_metrics) < 10_000 and not heavy.done():
                     threading.Event().wait(0.005)  # polling the victim's own gauge, not a guess at timing
                 assert not heavy.done(), "the heavy call finished before the kill: make it heavier"
-                victim_server.stop(signal.SIGKILL)  # mid-run: calls are in flight on every replica
+                victim_server.stop(signal.SIGKILL)  # mid-run: the heavy call in flight, half of every search to come
                 killed_at = done
+                killed.set()
                 moved_heavy = heavy.result()
                 assert len(moved_heavy.candidates) == len(HEAVY) and moved_heavy.replica != victim
                 for k, future in futures.items():
@@ -246,7 +254,7 @@ def test_a_draining_replica_leaves_the_ring_while_it_finishes_its_calls() -> Non
     with ExitStack() as stack:
         ports = [_free_port() for _ in range(3)]
         servers = [
-            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i])))
+            stack.enter_context(serve(default_bundle(), "--replica-id", f"r{i}", "--metrics-port", str(ports[i]), *HEAVY_LIMIT))
             for i in range(3)
         ]
         with Client(_target(servers), timeout=60) as client, ThreadPoolExecutor(1) as pool:
