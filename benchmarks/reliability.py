@@ -217,37 +217,55 @@ def histogram_quantile(port: int, name: str, q: float, **labels: str) -> float:
     return float("inf")
 
 
+def _fill(target: str, count: int, stop: Any) -> None:
+    """Keep `count` heavy Score calls in flight until `stop` is set (run in its own process, so that the storm
+    client's timings are not its own event loop's delays)."""
+    import grpc
+
+    from stepscore.v1 import stepscore_pb2 as pb
+
+    heavy = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(*(steps_of(2000, k) for k in range(32))))
+
+    def loop() -> None:
+        channel = grpc.insecure_channel(target)
+        call = score_call(channel)
+        while not stop.is_set():
+            try:
+                call(heavy)
+            except grpc.RpcError:
+                time.sleep(0.001)
+        channel.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def attack_storm(args: argparse.Namespace) -> None:
-    """Heavy requests keep a small queue full; small Score calls arrive at --rate per second (open loop, so that
-    a slow answer does not slow the storm down), from --clients channels; every refusal is timed."""
+    """Heavy requests (from another process) keep a small queue full; small Score calls arrive at --rate per
+    second (open loop: a slow answer does not slow the storm down), over --clients channels; refusals are timed."""
+    import multiprocessing
+
     import grpc
 
     from stepscore.v1 import stepscore_pb2 as pb
     from tests.helpers.server import serve
 
-    heavy = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(*(steps_of(2000, k) for k in range(32))))
     small = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(["2+3=5.", "5*4=20."]))
     mport = free_port()
     server_args = ["--max-queued-requests", str(args.queue), "--metrics-port", str(mport), *args.server_args]
 
     async def run(target: str) -> dict[str, Any]:
-        channels = [grpc.aio.insecure_channel(target) for _ in range(args.clients + 1)]
-        stop = asyncio.Event()
+        channels = [grpc.aio.insecure_channel(target) for _ in range(args.clients)]
         refused: list[float] = []
         outcomes: dict[str, int] = {}
-
-        async def filler() -> None:
-            call = score_call(channels[0])
-            while not stop.is_set():
-                try:
-                    await call(heavy)
-                except grpc.RpcError:
-                    await asyncio.sleep(0.001)
 
         async def one(k: int) -> None:
             t0 = time.perf_counter()
             try:
-                await score_call(channels[1 + k % args.clients])(small)
+                await score_call(channels[k % args.clients])(small)
                 code = "OK"
             except grpc.RpcError as err:
                 code = err.code().name
@@ -255,8 +273,6 @@ def attack_storm(args: argparse.Namespace) -> None:
             if code == "RESOURCE_EXHAUSTED":
                 refused.append(time.perf_counter() - t0)
 
-        fillers = [asyncio.create_task(filler()) for _ in range(args.queue + 2)]
-        await asyncio.sleep(2.0)  # the queue fills
         calls: list[asyncio.Task[None]] = []
         started = time.monotonic()
         k = 0
@@ -267,31 +283,32 @@ def attack_storm(args: argparse.Namespace) -> None:
                 k += 1
             await asyncio.sleep(0.0005)
         await asyncio.gather(*calls)
-        stop.set()
-        await asyncio.gather(*fillers)
         for channel in channels:
             await channel.close()
         ms = [x * 1000 for x in refused]
         method = "/stepscore.v1.StepScorer/Score"
+        server_p50 = histogram_quantile(mport, "stepscore_call_seconds", 0.5, method=method, code="RESOURCE_EXHAUSTED")
+        server_p99 = histogram_quantile(mport, "stepscore_call_seconds", 0.99, method=method, code="RESOURCE_EXHAUSTED")
         return {
             "calls": k,
             "outcomes": outcomes,
             "client_refusal_p50_ms": round(percentile(ms, 0.5), 3),
             "client_refusal_p99_ms": round(percentile(ms, 0.99), 3),
             "client_refusal_max_ms": round(max(ms), 3) if ms else None,
-            "server_refusal_p50_ms_at_most": histogram_quantile(
-                mport, "stepscore_call_seconds", 0.5, method=method, code="RESOURCE_EXHAUSTED"
-            )
-            * 1000,
-            "server_refusal_p99_ms_at_most": histogram_quantile(
-                mport, "stepscore_call_seconds", 0.99, method=method, code="RESOURCE_EXHAUSTED"
-            )
-            * 1000,
+            "server_refusal_p50_ms_at_most": server_p50 * 1000,
+            "server_refusal_p99_ms_at_most": server_p99 * 1000,
         }
 
     with serve(bundle(), *server_args) as server:
-        figures = asyncio.run(run(server.target))
-    load = os.getloadavg()
+        stop = multiprocessing.Event()
+        filler = multiprocessing.Process(target=_fill, args=(server.target, args.queue + 2, stop))
+        filler.start()
+        time.sleep(3.0)  # the queue fills
+        try:
+            figures = asyncio.run(run(server.target))
+        finally:
+            stop.set()
+            filler.join()
     report(
         args,
         "storm",
@@ -301,7 +318,7 @@ def attack_storm(args: argparse.Namespace) -> None:
             "clients": args.clients,
             "queue": args.queue,
             **figures,
-            "machine_load_average_1min": round(load[0], 1),
+            "machine_load_average_1min": round(os.getloadavg()[0], 1),
         },
     )
 
@@ -414,6 +431,7 @@ def attack_big(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
         done.set()
         thread.join()
+        time.sleep(5.0)
         after = rss_mb(pid) - base
         channel.close()
     report(
@@ -425,7 +443,7 @@ def attack_big(args: argparse.Namespace) -> None:
             "outcome": outcome,
             "other_client_max_ms": round(max(others) * 1000, 1),
             "other_client_p50_ms": round(percentile(others, 0.5) * 1000, 1),
-            "rss_growth_after_mb": round(after, 1),
+            "rss_growth_5s_after_mb": round(after, 1),
         },
     )
 
@@ -603,7 +621,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="storm: client channels the calls are spread over")
     parser.add_argument("--rate", type=float, default=1000.0, help="storm: calls per second (open loop)")
     parser.add_argument("--queue", type=int, default=8, help="storm: --max-queued-requests of the server")
-    parser.add_argument("--repeat", type=int, default=5, help="big: how many 15 MiB requests")
+    parser.add_argument("--repeat", type=int, default=10, help="big: how many 15 MiB requests")
     parser.add_argument("--minutes", type=float, default=30.0, help="soak: duration")
     parser.add_argument(
         "--warmup", type=float, default=5.0, help="soak: minutes left out of the slope, at least (and until the cache is full)"

@@ -133,23 +133,34 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         del request_iterator  # the message is read through the context, after admission
         started = time.perf_counter()
         deadline = self._deadline(context)
+        failure: Exception | None = None
         try:
             self._engine.check_admission()  # overloaded or draining: refused before the payload is read
-            raw = await context.read()
-            if raw is grpc.aio.EOF:
-                raise self._not_received(deadline)
-            msg = self._parse(raw)
-            self._size(msg)
-            result = await self._score(msg, deadline)
+            result = await self._receive_and_score(context, deadline)
         except asyncio.CancelledError:  # the client went away: the engine already dropped the work
             self._observe("Score", self._gone(deadline), started, None)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
-            code, message, _field = to_status(exc)
+            failure = exc
+        if failure is not None:
+            code, message, _field = to_status(failure)
+            # Let go of the failure, and with its traceback of the frames that held the request, before aborting:
+            # gRPC keeps abort's own exception in a reference cycle with the call, which only the garbage
+            # collector breaks; whatever it reached (15 MB of a refused problem, say) would stay until then.
+            del failure
             self._observe("Score", code, started, None)
             await context.abort(code, message)
         self._observe("Score", grpc.StatusCode.OK, started, result)
         return result_to_proto(result)
+
+    async def _receive_and_score(self, context: grpc.aio.ServicerContext, deadline: float | None) -> ScoreResult:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            raise self._not_received(deadline)
+        msg = self._parse(raw)
+        del raw
+        self._size(msg)
+        return await self._score(msg, deadline)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Reads and writes through the context, so that it can stop reading (flow control) and notice a
