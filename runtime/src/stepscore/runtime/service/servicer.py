@@ -215,15 +215,17 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             return None if raw is grpc.aio.EOF else bytes(raw)
 
         quota = self._streams.open()
+        stalled: tuple[grpc.StatusCode, str, str] | None = None
         try:
             await pump(read, prepare, context.write, quota, self._config.stream_stall_seconds)
         except Overloaded as exc:  # the client stopped reading: cut off, its work already dropped
-            if self._metrics is not None:
-                self._metrics.stream_stalls.inc()
-            code, message, _field = to_status(exc)
-            await context.abort(code, message)
+            stalled = to_status(exc)
         finally:
             quota.close()
+        if stalled is not None:  # aborted outside the handler, so that nothing the stream held stays reachable (see Score)
+            if self._metrics is not None:
+                self._metrics.stream_stalls.inc()
+            await context.abort(stalled[0], stalled[1])
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         del request, context  # no fields
