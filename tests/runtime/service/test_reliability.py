@@ -446,3 +446,23 @@ def test_a_bad_bundle_is_one_line_of_error_and_nothing_served(
     assert "Traceback" not in proc.stderr and "12345" not in proc.stderr, proc.stderr
     ours = [line for line in proc.stderr.splitlines() if line.startswith("stepscore serve: error:")]
     assert len(ours) == 1 and message in ours[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-stream-inflight", "0"], "max_stream_inflight must be at least 1"),
+        (["--stream-stall-seconds", "0"], "stream_stall_seconds must be positive"),
+        (["--max-candidates", "0"], "max_candidates must be a positive integer"),
+        (["--max-problem-chars", "9999999999"], "could never pass"),
+        (["--text-cache-mb", "0"], "text_cache_bytes must be positive"),
+    ],
+)
+def test_impossible_limits_refuse_to_start(bundle: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
