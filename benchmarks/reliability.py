@@ -1,6 +1,7 @@
 """Hostile and careless clients against a live `stepscore serve`: the figures in docs/reliability.md.
 
     python -m benchmarks.reliability stream            # sends on a ScoreStream, never reads: server RSS growth
+    python -m benchmarks.reliability flood             # one stream floods the queue: another client's latency
     python -m benchmarks.reliability storm             # refusal latency while the queue is full and clients keep calling
     python -m benchmarks.reliability big               # a 15 MiB problem: time to refuse it, another client meanwhile
     python -m benchmarks.reliability deadline          # a request at the size limits with a 100 ms deadline: CPU after it
@@ -216,37 +217,55 @@ def histogram_quantile(port: int, name: str, q: float, **labels: str) -> float:
     return float("inf")
 
 
+def _fill(target: str, count: int, stop: Any) -> None:
+    """Keep `count` heavy Score calls in flight until `stop` is set (run in its own process, so that the storm
+    client's timings are not its own event loop's delays)."""
+    import grpc
+
+    from stepscore.v1 import stepscore_pb2 as pb
+
+    heavy = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(*(steps_of(2000, k) for k in range(32))))
+
+    def loop() -> None:
+        channel = grpc.insecure_channel(target)
+        call = score_call(channel)
+        while not stop.is_set():
+            try:
+                call(heavy)
+            except grpc.RpcError:
+                time.sleep(0.001)
+        channel.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def attack_storm(args: argparse.Namespace) -> None:
-    """Heavy requests keep a small queue full; small Score calls arrive at --rate per second (open loop, so that
-    a slow answer does not slow the storm down), from --clients channels; every refusal is timed."""
+    """Heavy requests (from another process) keep a small queue full; small Score calls arrive at --rate per
+    second (open loop: a slow answer does not slow the storm down), over --clients channels; refusals are timed."""
+    import multiprocessing
+
     import grpc
 
     from stepscore.v1 import stepscore_pb2 as pb
     from tests.helpers.server import serve
 
-    heavy = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(*(steps_of(2000, k) for k in range(32))))
     small = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(["2+3=5.", "5*4=20."]))
     mport = free_port()
     server_args = ["--max-queued-requests", str(args.queue), "--metrics-port", str(mport), *args.server_args]
 
     async def run(target: str) -> dict[str, Any]:
-        channels = [grpc.aio.insecure_channel(target) for _ in range(args.clients + 1)]
-        stop = asyncio.Event()
+        channels = [grpc.aio.insecure_channel(target) for _ in range(args.clients)]
         refused: list[float] = []
         outcomes: dict[str, int] = {}
-
-        async def filler() -> None:
-            call = score_call(channels[0])
-            while not stop.is_set():
-                try:
-                    await call(heavy)
-                except grpc.RpcError:
-                    await asyncio.sleep(0.001)
 
         async def one(k: int) -> None:
             t0 = time.perf_counter()
             try:
-                await score_call(channels[1 + k % args.clients])(small)
+                await score_call(channels[k % args.clients])(small)
                 code = "OK"
             except grpc.RpcError as err:
                 code = err.code().name
@@ -254,8 +273,6 @@ def attack_storm(args: argparse.Namespace) -> None:
             if code == "RESOURCE_EXHAUSTED":
                 refused.append(time.perf_counter() - t0)
 
-        fillers = [asyncio.create_task(filler()) for _ in range(args.queue + 2)]
-        await asyncio.sleep(2.0)  # the queue fills
         calls: list[asyncio.Task[None]] = []
         started = time.monotonic()
         k = 0
@@ -266,31 +283,32 @@ def attack_storm(args: argparse.Namespace) -> None:
                 k += 1
             await asyncio.sleep(0.0005)
         await asyncio.gather(*calls)
-        stop.set()
-        await asyncio.gather(*fillers)
         for channel in channels:
             await channel.close()
         ms = [x * 1000 for x in refused]
         method = "/stepscore.v1.StepScorer/Score"
+        server_p50 = histogram_quantile(mport, "stepscore_call_seconds", 0.5, method=method, code="RESOURCE_EXHAUSTED")
+        server_p99 = histogram_quantile(mport, "stepscore_call_seconds", 0.99, method=method, code="RESOURCE_EXHAUSTED")
         return {
             "calls": k,
             "outcomes": outcomes,
             "client_refusal_p50_ms": round(percentile(ms, 0.5), 3),
             "client_refusal_p99_ms": round(percentile(ms, 0.99), 3),
             "client_refusal_max_ms": round(max(ms), 3) if ms else None,
-            "server_refusal_p50_ms_at_most": histogram_quantile(
-                mport, "stepscore_call_seconds", 0.5, method=method, code="RESOURCE_EXHAUSTED"
-            )
-            * 1000,
-            "server_refusal_p99_ms_at_most": histogram_quantile(
-                mport, "stepscore_call_seconds", 0.99, method=method, code="RESOURCE_EXHAUSTED"
-            )
-            * 1000,
+            "server_refusal_p50_ms_at_most": server_p50 * 1000,
+            "server_refusal_p99_ms_at_most": server_p99 * 1000,
         }
 
     with serve(bundle(), *server_args) as server:
-        figures = asyncio.run(run(server.target))
-    load = os.getloadavg()
+        stop = multiprocessing.Event()
+        filler = multiprocessing.Process(target=_fill, args=(server.target, args.queue + 2, stop))
+        filler.start()
+        time.sleep(3.0)  # the queue fills
+        try:
+            figures = asyncio.run(run(server.target))
+        finally:
+            stop.set()
+            filler.join()
     report(
         args,
         "storm",
@@ -300,7 +318,74 @@ def attack_storm(args: argparse.Namespace) -> None:
             "clients": args.clients,
             "queue": args.queue,
             **figures,
-            "machine_load_average_1min": round(load[0], 1),
+            "machine_load_average_1min": round(os.getloadavg()[0], 1),
+        },
+    )
+
+
+def attack_flood(args: argparse.Namespace) -> None:
+    """One stream sends ~2,500-token requests without pause (and reads its answers); meanwhile another client
+    sends one small request every 100 ms: its latency and refusals are what one stream can do to others."""
+    import grpc
+
+    from stepscore.v1 import stepscore_pb2 as pb
+    from tests.helpers.server import serve
+
+    steps = steps_of(args.chars, 1, args.step_words)
+    small = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(["2+3=5.", "5*4=20."]))
+    with serve(bundle(), *args.server_args) as server:
+        stop = threading.Event()
+        flooded = 0
+
+        def requests() -> Iterator[Any]:
+            k = 0
+            while not stop.is_set():
+                k += 1
+                yield pb.ScoreRequest(request_id=f"f{k}", problem=PROBLEM, candidates=candidates(steps))
+
+        def flood() -> None:
+            nonlocal flooded
+            channel = grpc.insecure_channel(server.target)
+            try:
+                for _ in stream_call(channel)(requests()):
+                    flooded += 1
+            except grpc.RpcError:
+                pass
+            channel.close()
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        time.sleep(3.0)  # the flood is under way
+        channel = grpc.insecure_channel(server.target)
+        call = score_call(channel)
+        latencies: list[float] = []
+        refused = 0
+        started = time.monotonic()
+        while time.monotonic() - started < args.seconds:
+            t0 = time.perf_counter()
+            try:
+                call(small, timeout=60)
+                latencies.append(time.perf_counter() - t0)
+            except grpc.RpcError:
+                refused += 1
+            time.sleep(0.1)
+        stop.set()
+        thread.join()
+        channel.close()
+    ms = [x * 1000 for x in latencies]
+    report(
+        args,
+        "flood",
+        {
+            "seconds": args.seconds,
+            "request_chars": sum(map(len, steps)) + len(PROBLEM),
+            "flood_answers": flooded,
+            "other_requests": len(ms) + refused,
+            "other_refused": refused,
+            "other_p50_ms": round(percentile(ms, 0.5), 1),
+            "other_p99_ms": round(percentile(ms, 0.99), 1),
+            "other_max_ms": round(max(ms), 1) if ms else None,
+            "machine_load_average_1min": round(os.getloadavg()[0], 1),
         },
     )
 
@@ -346,6 +431,7 @@ def attack_big(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
         done.set()
         thread.join()
+        time.sleep(5.0)
         after = rss_mb(pid) - base
         channel.close()
     report(
@@ -357,7 +443,7 @@ def attack_big(args: argparse.Namespace) -> None:
             "outcome": outcome,
             "other_client_max_ms": round(max(others) * 1000, 1),
             "other_client_p50_ms": round(percentile(others, 0.5) * 1000, 1),
-            "rss_growth_after_mb": round(after, 1),
+            "rss_growth_5s_after_mb": round(after, 1),
         },
     )
 
@@ -489,18 +575,22 @@ def attack_soak(args: argparse.Namespace) -> None:
         for t in threads:
             t.start()
         samples: list[tuple[float, float]] = []
+        cache_full_at = float("inf")  # warm-up lasts until the text cache first reaches 95% of its budget
         started = time.monotonic()
         try:
             while (elapsed := time.monotonic() - started) < args.minutes * 60:
                 samples.append((elapsed / 60.0, rss_mb(pid)))
-                log(f"soak {elapsed / 60:5.1f} min  rss {samples[-1][1]:7.1f} MB  {counts}")
+                cache = read_metric(mport, "stepscore_text_cache_bytes") / (1 << 20)
+                if cache >= 0.95 * args.cache_mb and cache_full_at == float("inf"):
+                    cache_full_at = elapsed / 60.0
+                log(f"soak {elapsed / 60:5.1f} min  rss {samples[-1][1]:7.1f} MB  cache {cache:5.1f} MB  {counts}")
                 time.sleep(10.0)
-            cache = read_metric(mport, "stepscore_text_cache_bytes") / (1 << 20)
         finally:
             stop.set()
             for t in threads:
                 t.join()
-    after = [(m, r) for m, r in samples if m >= args.warmup]
+    warmup = max(args.warmup, cache_full_at if cache_full_at < args.minutes else args.warmup)
+    after = [(m, r) for m, r in samples if m >= warmup]
     mean_m = statistics.fmean(m for m, _ in after)
     mean_r = statistics.fmean(r for _, r in after)
     slope = sum((m - mean_m) * (r - mean_r) for m, r in after) / sum((m - mean_m) ** 2 for m, _ in after)
@@ -509,35 +599,40 @@ def attack_soak(args: argparse.Namespace) -> None:
         "soak",
         {
             "minutes": args.minutes,
-            "warmup_minutes": args.warmup,
+            "warmup_minutes": round(warmup, 1),
+            "text_cache_full_at_minute": round(cache_full_at, 1) if cache_full_at < args.minutes else None,
             "rss_slope_mb_per_min_after_warmup": round(slope, 3),
             "rss_at_warmup_mb": round(after[0][1], 1),
             "rss_end_mb": round(samples[-1][1], 1),
             "rss_max_after_warmup_mb": round(max(r for _, r in after), 1),
             "text_cache_mb_at_end": round(cache, 1),
+            "rss_every_10s_mb": [round(r, 1) for _, r in samples],
             "outcomes": counts,
-            "rss_samples": [(round(m, 1), round(r, 1)) for m, r in samples[:: max(1, len(samples) // 20)]],
         },
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("attack", choices=("stream", "storm", "big", "deadline", "soak"))
-    parser.add_argument("--seconds", type=float, default=61.0, help="stream, storm: how long the attack runs")
+    parser.add_argument("attack", choices=("stream", "flood", "storm", "big", "deadline", "soak"))
+    parser.add_argument("--seconds", type=float, default=61.0, help="stream, flood, storm: how long the attack runs")
     parser.add_argument("--chars", type=int, default=10_000, help="stream: characters per request (~2,500 tokens)")
     parser.add_argument("--step-words", type=int, default=40, help="stream: words per step (fewer: more steps, longer answers)")
     parser.add_argument("--clients", type=int, default=32, help="storm: client channels the calls are spread over")
     parser.add_argument("--rate", type=float, default=1000.0, help="storm: calls per second (open loop)")
     parser.add_argument("--queue", type=int, default=8, help="storm: --max-queued-requests of the server")
-    parser.add_argument("--repeat", type=int, default=5, help="big: how many 15 MiB requests")
+    parser.add_argument("--repeat", type=int, default=10, help="big: how many 15 MiB requests")
     parser.add_argument("--minutes", type=float, default=30.0, help="soak: duration")
-    parser.add_argument("--warmup", type=float, default=5.0, help="soak: minutes left out of the slope")
+    parser.add_argument(
+        "--warmup", type=float, default=5.0, help="soak: minutes left out of the slope, at least (and until the cache is full)"
+    )
+    parser.add_argument("--cache-mb", type=float, default=64.0, help="soak: the server's --text-cache-mb")
     parser.add_argument("--out", default="", help="append the JSON figures to this file")
     args, rest = parser.parse_known_args()  # the rest, after --: extra `stepscore serve` flags
     args.server_args = [a for a in rest if a != "--"]
     {
         "stream": attack_stream,
+        "flood": attack_flood,
         "storm": attack_storm,
         "big": attack_big,
         "deadline": attack_deadline,

@@ -196,6 +196,32 @@ def test_oversized_requests_are_refused_before_tokenization(bundle: Path) -> Non
         assert client.info()["max_candidates"] == 50
 
 
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the server's memory from /proc (Linux)")
+def test_refused_large_requests_do_not_stay_resident(bundle: Path) -> None:
+    """Defect 2: what a refused request held (its 15 MiB problem, parsed) stayed resident, request after request."""
+    with serve(bundle, "--max-receive-message-bytes", str(32 << 20)) as s:
+        channel = grpc.insecure_channel(s.target, options=[("grpc.max_send_message_length", 32 << 20)])
+        big = pb.ScoreRequest(problem="word " * (3 << 20), candidates=[pb.Candidate(steps=pb.Steps(steps=["a"]))])
+        for k in range(9):
+            with pytest.raises(grpc.RpcError) as err:
+                _score(channel)(big)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            if k == 0:  # the first one warms the allocator up
+                base = _rss_mb(s.proc.pid)
+        grown = _rss_mb(s.proc.pid) - base
+        channel.close()
+    # 8 more requests of 15 MiB each (four copies each on the way: bytes, parsed, the problem's str): it used to
+    # grow by ~50 MB per request; now the memory is reused
+    assert grown < 8 * 15, grown
+
+
 def test_the_text_cache_is_bounded_in_bytes(bundle: Path) -> None:
     """Defect 8: the cache was bounded by entries, so RSS grew ~13 MB/min in a soak of long distinct texts."""
     port = _free_port()
@@ -420,3 +446,23 @@ def test_a_bad_bundle_is_one_line_of_error_and_nothing_served(
     assert "Traceback" not in proc.stderr and "12345" not in proc.stderr, proc.stderr
     ours = [line for line in proc.stderr.splitlines() if line.startswith("stepscore serve: error:")]
     assert len(ours) == 1 and message in ours[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-stream-inflight", "0"], "max_stream_inflight must be at least 1"),
+        (["--stream-stall-seconds", "0"], "stream_stall_seconds must be positive"),
+        (["--max-candidates", "0"], "max_candidates must be a positive integer"),
+        (["--max-problem-chars", "9999999999"], "could never pass"),
+        (["--text-cache-mb", "0"], "text_cache_bytes must be positive"),
+    ],
+)
+def test_impossible_limits_refuse_to_start(bundle: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

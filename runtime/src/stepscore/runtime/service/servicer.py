@@ -27,7 +27,7 @@ from stepscore.runtime.engine import Engine
 from stepscore.runtime.service.config import ServerConfig
 from stepscore.runtime.service.convert import REPLICA_HEADER, candidate_views, request_from_proto, result_to_proto
 from stepscore.runtime.service.metrics import Metrics
-from stepscore.runtime.service.status import to_status
+from stepscore.runtime.service.status import Status, to_status
 from stepscore.runtime.service.streams import StreamShares, pump
 from stepscore.runtime.types import AGGREGATES, ScoreResult
 from stepscore.v1 import stepscore_pb2 as pb
@@ -137,19 +137,21 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         del request_iterator  # the message is read through the context, after admission
         started = time.perf_counter()
         deadline = self._deadline(context)
+        failure: Exception | None = None
         try:
             self._engine.check_admission()  # overloaded or draining: refused before the payload is read
-            raw = await context.read()
-            if raw is grpc.aio.EOF:
-                raise self._not_received(deadline)
-            msg = self._parse(raw)
-            self._size(msg)
-            result = await self._score(msg, deadline)
+            result = await self._receive_and_score(context, deadline)
         except asyncio.CancelledError:  # the client went away: the engine already dropped the work
             self._observe("Score", self._gone(deadline), started, None)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
-            status = to_status(exc)
+            failure = exc
+        if failure is not None:
+            status = to_status(failure)
+            # Let go of the failure, and with its traceback of the frames that held the request, before aborting:
+            # gRPC keeps abort's own exception in a reference cycle with the call, which only the garbage
+            # collector breaks; whatever it reached (15 MB of a refused problem, say) would stay until then.
+            del failure
             self._observe("Score", status.code, started, None)
             # an error names its replica in the trailers: initial metadata would make it a committed response,
             # and gRPC clients never retry those (a draining replica's UNAVAILABLE must stay retryable)
@@ -159,6 +161,15 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         # nothing yet, so the client's retry policy may still send it to another replica
         await context.send_initial_metadata(self._replica())
         return result_to_proto(result)
+
+    async def _receive_and_score(self, context: grpc.aio.ServicerContext, deadline: float | None) -> ScoreResult:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            raise self._not_received(deadline)
+        msg = self._parse(raw)
+        del raw
+        self._size(msg)
+        return await self._score(msg, deadline)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Reads and writes through the context, so that it can stop reading (flow control) and notice a
@@ -214,15 +225,17 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             return None if raw is grpc.aio.EOF else bytes(raw)
 
         quota = self._streams.open()
+        stalled: Status | None = None
         try:
             await pump(read, prepare, context.write, quota, self._config.stream_stall_seconds)
         except Overloaded as exc:  # the client stopped reading: cut off, its work already dropped
-            if self._metrics is not None:
-                self._metrics.stream_stalls.inc()
-            status = to_status(exc)
-            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata())
+            stalled = to_status(exc)
         finally:
             quota.close()
+        if stalled is not None:  # aborted outside the handler, so that nothing the stream held stays reachable (see Score)
+            if self._metrics is not None:
+                self._metrics.stream_stalls.inc()
+            await context.abort(stalled.code, stalled.message, trailing_metadata=stalled.trailing_metadata())
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         del request  # no fields
