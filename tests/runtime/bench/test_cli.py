@@ -172,7 +172,10 @@ def test_bench_against_several_replicas_reports_where_calls_went(tmp_path: Path)
     kept = [int(text.split("searches on one replica ")[1].split("/")[0]) for text in (affinity, spread)]
     total = int(affinity.split("searches on one replica ")[1].split("/")[1].split()[0])
     assert kept[0] == total > kept[1], (affinity, spread)
-    assert "r0" in affinity and "r1" in affinity and "r2" in affinity
+    # where searches land depends on the ring (the replicas' random ports): 7 searches may all miss one
+    # replica; 24 calls without affinity reach at least two (all on one: 3 * (1/3)^24)
+    named = [sum(f"r{i} " in text for i in range(3)) for text in (affinity, spread)]
+    assert named[0] >= 1 and named[1] >= 2, (affinity, spread)
     assert "per replica" in (out / "results.md").read_text()
 
 
