@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepscore.errors import ExportError
+from stepscore.export.cached import derive_cached_graph
 from stepscore.export.families import MAX_ROW_TOKENS, ModelPlan, plan_export, rope_cache
 from stepscore.export.graph import DecoderSpec, build_graph, fused_op_counts
 from stepscore.export.plain import derive_plain_graph
@@ -49,6 +50,7 @@ Progress = Callable[[str], None]
 
 # Ops a decoder layer must have been built from; the structure check counts them per layer.
 PLAIN_GRAPH = "model_plain.onnx"
+CACHED_GRAPH = "model_cached.onnx"
 # onnxruntime's CPU GroupQueryAttention refuses other head sizes ("head_size shall be a multiple of 16"); the
 # families this targets have 64 or 128
 GQA_HEAD_MULTIPLE = 16
@@ -248,6 +250,8 @@ def export_model(
         plain_path: Path | None = None
         if plan.decoder.head_dim % GQA_HEAD_MULTIPLE == 0:
             plain_path = derive_plain_graph(graph_path, work / PLAIN_GRAPH, plan.decoder.num_heads, plan.decoder.num_kv_heads)
+        d = plan.decoder
+        cached_path = derive_cached_graph(graph_path, work / CACHED_GRAPH, d.num_heads, d.num_kv_heads, d.head_dim)
         t = stage(2, "export", t)
 
         # 3. structure: the fused ops are there, once per layer
@@ -278,19 +282,21 @@ def export_model(
         # 4. validate against the PyTorch reference, through the runtime's formatter and packer
         validation: dict[str, object] = {"skipped": True, "passed": None}
         if validate:
-            report = _validate(model_dir, plan, work, graph_path, plain_path, precision)
+            report = _validate(model_dir, plan, work, (graph_path, plain_path, cached_path), precision)
             plain_diff = f", plain rows {report.max_abs_diff_plain:.2e}" if report.max_abs_diff_plain is not None else ""
             progress(
                 f"        max |graph - reference| = {report.max_abs_diff:.2e} (alone {report.max_abs_diff_alone:.2e}, "
                 f"packed {report.max_abs_diff_packed:.2e}{plain_diff}) over {report.num_steps} steps; "
-                f"tolerance {report.tolerance:g}"
+                f"tolerance {report.tolerance:g}; scored in increments through the prefix cache vs at once: "
+                f"{report.max_abs_diff_incremental:.2e} (tolerance {report.incremental_tolerance:g})"
             )
             require_pass(report)
             validation = report.as_dict()
         t = stage(4, "validate" if validate else "(skipped)", t)
 
-        files = ["tokenizer.json", graph_path.name] + [p.name for p in (plain_path, data_path) if p is not None]
-        graphs = (graph_path, plain_path, data_path)
+        files = ["tokenizer.json", graph_path.name, cached_path.name]
+        files += [p.name for p in (plain_path, data_path) if p is not None]
+        graphs = (graph_path, plain_path, cached_path, data_path)
         manifest = _manifest(model, model_dir, plan, precision, graphs, n_params, ops, validation, hash_files(work, files))
         write_manifest(work, manifest)
         publish(work, out)
@@ -301,7 +307,7 @@ def export_model(
 
 
 def _validate(
-    model_dir: Path, plan: ModelPlan, work: Path, graph_path: Path, plain_path: Path | None, precision: Precision
+    model_dir: Path, plan: ModelPlan, work: Path, graphs: tuple[Path, Path | None, Path], precision: Precision
 ) -> ValidationReport:
     formatter = Formatter(plan.format, work / "tokenizer.json", plan.decoder.vocab_size, plan.max_seq_len)
     items = [
@@ -313,7 +319,10 @@ def _validate(
     want = reference.scores(items)
     name = reference.description
     reference.close()  # free the fp32 copy before onnxruntime loads the graph
-    return validate_graph(graph_path, items, want, precision, plan.head.score, name, plain_path)
+    graph_path, plain_path, cached_path = graphs
+    d = plan.decoder
+    cached = (cached_path, (d.num_layers, d.num_kv_heads, d.head_dim))
+    return validate_graph(graph_path, items, want, precision, plan.head.score, name, plain_path, cached)
 
 
 def _manifest(
@@ -321,14 +330,14 @@ def _manifest(
     model_dir: Path,
     plan: ModelPlan,
     precision: Precision,
-    graphs: tuple[Path, Path | None, Path | None],  # tree graph, plain-row graph, external data
+    graphs: tuple[Path, Path | None, Path, Path | None],  # tree graph, plain-row graph, cached graph, external data
     n_params: int,
     ops: dict[str, int],
     validation: dict[str, object],
     files: dict[str, FileEntry],
 ) -> Manifest:
     d: DecoderSpec = plan.decoder
-    graph_path, plain_path, data_path = graphs
+    graph_path, plain_path, cached_path, data_path = graphs
     from stepscore.export.graph import OPSET
 
     return Manifest(
@@ -359,6 +368,7 @@ def _manifest(
                 k: v for k, v in sorted(ops.items()) if k in (*FUSED_PER_LAYER, "QuickGelu", "SimplifiedLayerNormalization")
             },
             plain_file=plain_path.name if plain_path else None,
+            cached_file=cached_path.name,
         ),
         tokenizer_file="tokenizer.json",
         validation=validation,

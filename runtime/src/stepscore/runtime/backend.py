@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import BundleError, ConfigError
-from stepscore.runtime.bundle import INPUTS, OUTPUTS, PLAIN_INPUTS
+from stepscore.runtime.bundle import INPUTS, OUTPUTS, PAST_LEN, PLAIN_INPUTS, cached_inputs, cached_outputs
 from stepscore.runtime.packing import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,18 @@ class Backend(Protocol):
         ...
 
     def warmup(self) -> None: ...
+
+
+@runtime_checkable
+class KvBackend(Protocol):
+    """A backend that also runs the cached graph (stepscore.export.cached), for the prefix cache."""
+
+    kv_cache: bool  # the cached graph is loaded
+
+    def run_cached(self, batch: PackedBatch) -> tuple[F32Array, npt.NDArray[Any]]:
+        """Scores [B, K] and the new tokens' K/V [layers, 2, B, kv_heads, S, head_dim] for a batch laid out by
+        stepscore.runtime.cachedbatch.pack_cached."""
+        ...
 
 
 def _import_ort() -> Any:
@@ -74,6 +87,8 @@ class OrtBackend:
         threads: int | None = None,
         io_binding: bool | None = None,
         plain_graph_path: Path | None = None,
+        cached_graph_path: Path | None = None,
+        kv_shape: tuple[int, int, int] | None = None,  # (layers, kv_heads, head_dim), with cached_graph_path
     ) -> None:
         ort = _import_ort()
         self._ort = ort
@@ -101,15 +116,29 @@ class OrtBackend:
         # graph_path None: the plain-row graph alone (export's validation runs the graphs one at a time,
         # so that only one copy of the weights is in memory at once)
         self.session = self._session(graph_path, opts, providers, INPUTS) if graph_path else None
-        if self.session is None and plain_graph_path is None:
+        if self.session is None and plain_graph_path is None and cached_graph_path is None:
             raise ConfigError("OrtBackend needs a graph")
         self.plain_session = self._session(plain_graph_path, opts, providers, PLAIN_INPUTS) if plain_graph_path else None
         self.plain_rows = self.plain_session is not None
+        self.cached_session = None
+        self.kv_cache = cached_graph_path is not None
+        if cached_graph_path is not None:
+            if kv_shape is None:
+                raise ConfigError("the cached graph needs kv_shape (layers, kv_heads, head_dim)")
+            self._kv_shape = kv_shape
+            layers = kv_shape[0]
+            self.cached_session = self._session(
+                cached_graph_path, opts, providers, cached_inputs(layers), cached_outputs(layers)
+            )
+            past = self.cached_session.get_inputs()[len(INPUTS) + 1]
+            self._kv_dtype = np.float16 if "float16" in past.type else np.float32
         self._io_binding = (kind == "cuda") if io_binding is None else io_binding
         self._buffers: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._lock = threading.Lock()
 
-    def _session(self, path: Path, opts: Any, providers: list[Any], contract: tuple[str, ...]) -> Any:
+    def _session(
+        self, path: Path, opts: Any, providers: list[Any], contract: tuple[str, ...], outputs: tuple[str, ...] = OUTPUTS
+    ) -> Any:
         try:
             session = self._ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
@@ -123,9 +152,9 @@ class OrtBackend:
         names = tuple(i.name for i in session.get_inputs())
         if names != contract:
             raise BundleError(f"{path.name}: graph inputs {names} are not the contract's {contract}")
-        outputs = tuple(o.name for o in session.get_outputs())
-        if outputs != OUTPUTS:
-            raise BundleError(f"{path.name}: graph outputs {outputs} are not the contract's {OUTPUTS}")
+        got_outputs = tuple(o.name for o in session.get_outputs())
+        if got_outputs != outputs:
+            raise BundleError(f"{path.name}: graph outputs {got_outputs} are not the contract's {outputs}")
         return session
 
     def run(self, batch: PackedBatch) -> F32Array:
@@ -157,6 +186,31 @@ class OrtBackend:
             session.run_with_iobinding(binding)
             return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
+    def run_cached(self, batch: PackedBatch) -> tuple[F32Array, npt.NDArray[Any]]:
+        if self.cached_session is None:
+            raise ConfigError("this backend has no cached graph (the bundle predates it, or the cache is off)")
+        assert batch.past_len is not None
+        layers, heads, dim = self._kv_shape
+        b = batch.shape[0]
+        past = batch.past_kv
+        if past is None:
+            past = np.zeros((layers, 2, b, heads, 0, dim), dtype=self._kv_dtype)
+        feeds: dict[str, npt.NDArray[Any]] = {
+            INPUTS[0]: batch.input_ids,
+            INPUTS[1]: batch.position_ids,
+            INPUTS[2]: batch.attn_end,
+            INPUTS[3]: batch.step_positions,
+            PAST_LEN: batch.past_len,
+        }
+        names = cached_inputs(layers)[len(INPUTS) + 1 :]
+        for n, name in enumerate(names):
+            feeds[name] = np.ascontiguousarray(past[n // 2, n % 2])
+        with self._lock:
+            outs = self.cached_session.run(None, feeds)
+        scores = np.asarray(outs[0], dtype=np.float32)
+        present = np.stack(outs[1:]).reshape(layers, 2, *outs[1].shape)
+        return scores, present
+
     def _device_buffer(self, name: str, array: npt.NDArray[Any]) -> Any:
         key = (name, tuple(array.shape))
         buf = self._buffers.get(key)
@@ -182,4 +236,9 @@ class OrtBackend:
             scores = self.run(batch)
             if scores.shape != batch.step_positions.shape:
                 raise ConfigError(f"warm-up returned shape {scores.shape}, expected {batch.step_positions.shape}")
+        if self.cached_session is not None:  # a batch continuing no cached prefix
+            batch = pack([item], PackOptions(row_tokens=16))
+            scores, _ = self.run_cached(replace(batch, past_len=np.zeros(batch.shape[0], np.int64)))
+            if scores.shape != batch.step_positions.shape:
+                raise ConfigError(f"cached graph warm-up returned shape {scores.shape}, expected {batch.step_positions.shape}")
         log.debug("warm-up on %s done (pid %d)", self.device, os.getpid())

@@ -39,6 +39,22 @@ INPUTS = ("input_ids", "position_ids", "attn_end", "step_positions")
 OUTPUTS = ("step_scores",)
 # The plain-row graph (stepscore.export.plain): one sequence per row, right-padded, lengths instead of attn_end.
 PLAIN_INPUTS = ("input_ids", "seq_lens", "step_positions")
+# The cached graph (stepscore.export.cached): the tree graph's inputs for the new tokens only, plus how many
+# cached tokens each row continues and their K/V per layer; outputs the new tokens' K/V too.
+PAST_LEN = "past_len"
+
+
+def cached_inputs(num_layers: int) -> tuple[str, ...]:
+    """Input names of the cached graph, in order."""
+    kv = tuple(f"past_{which}.{i}" for i in range(num_layers) for which in ("key", "value"))
+    return (*INPUTS, PAST_LEN, *kv)
+
+
+def cached_outputs(num_layers: int) -> tuple[str, ...]:
+    """Output names of the cached graph, in order: the scores, then each layer's K/V of the new tokens."""
+    kv = tuple(f"present_{which}.{i}" for i in range(num_layers) for which in ("key", "value"))
+    return (*OUTPUTS, *kv)
+
 
 Family = Literal["token_cls", "lm_pair", "value_head", "seq_cls"]
 FAMILIES: tuple[Family, ...] = ("token_cls", "lm_pair", "value_head", "seq_cls")
@@ -261,6 +277,9 @@ class GraphSpec:
     fused_ops: Mapping[str, int] = field(default_factory=dict)
     # The plain-row variant (PLAIN_INPUTS; stepscore.export.plain), sharing `data_file`; None in bundles without it.
     plain_file: str | None = None
+    # The cached variant (cached_inputs/cached_outputs; stepscore.export.cached) the prefix cache runs
+    # suffixes through, sharing `data_file`; None in bundles exported before it (no prefix cache then).
+    cached_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -347,6 +366,7 @@ class Manifest:
                     outputs=tuple(graph["outputs"]),
                     fused_ops=dict(graph.get("fused_ops", {})),
                     plain_file=graph.get("plain_file"),
+                    cached_file=graph.get("cached_file"),
                 ),
                 tokenizer_file=obj["tokenizer"]["file"],
                 validation=dict(obj.get("validation", {})),
@@ -478,6 +498,11 @@ class Bundle:
         return self.path / plain if plain else None
 
     @property
+    def cached_graph_path(self) -> Path | None:
+        cached = self.manifest.graph.cached_file
+        return self.path / cached if cached else None
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.manifest.tokenizer_file
 
@@ -495,7 +520,8 @@ def _named_paths(manifest: Manifest) -> list[tuple[str, str]]:
     """(field, name) of every path the manifest holds."""
     g = manifest.graph
     out = [("graph.file", g.file), ("tokenizer.file", manifest.tokenizer_file)]
-    out += [(field, name) for field, name in (("graph.data_file", g.data_file), ("graph.plain_file", g.plain_file)) if name]
+    named = (("graph.data_file", g.data_file), ("graph.plain_file", g.plain_file), ("graph.cached_file", g.cached_file))
+    out += [(field, name) for field, name in named if name]
     out += [(f"files[{name!r}]", name) for name in manifest.files]
     return out
 
@@ -559,8 +585,7 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     needed = {manifest.graph.file, manifest.tokenizer_file}
     if manifest.graph.data_file:
         needed.add(manifest.graph.data_file)
-    if manifest.graph.plain_file:
-        needed.add(manifest.graph.plain_file)
+    needed.update(name for name in (manifest.graph.plain_file, manifest.graph.cached_file) if name)
     missing_entries = needed - set(manifest.files)
     if missing_entries:
         raise BundleError(f"{manifest_path}: no hash recorded for {sorted(missing_entries)}")

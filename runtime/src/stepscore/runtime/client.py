@@ -200,6 +200,19 @@ class Client(_Base):
             raise from_rpc_error(err) from None
         return result_from_proto(reply, _replica(call.initial_metadata()))
 
+    def end_search(self, search_id: str, timeout: float | None = None) -> int:
+        """The search is finished: the server frees the prefix-cache entries only it used. Returns the bytes
+        freed. Sent with the search id header, so it reaches the replica the search's calls reached."""
+        try:
+            reply = self._stub.EndSearch(
+                pb.EndSearchRequest(search_id=search_id),
+                timeout=timeout or self._timeout,
+                metadata=self._call_metadata(search_id),
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return int(reply.freed_bytes)
+
     def info(self) -> dict[str, Any]:
         try:
             reply = self._stub.Info(pb.InfoRequest(), timeout=self._timeout, metadata=self._metadata)
@@ -266,6 +279,18 @@ class AsyncClient(_Base):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return result_from_proto(reply, replica)
+
+    async def end_search(self, search_id: str, timeout: float | None = None) -> int:
+        """As Client.end_search."""
+        try:
+            reply = await self._stub.EndSearch(
+                pb.EndSearchRequest(search_id=search_id),
+                timeout=timeout or self._timeout,
+                metadata=self._call_metadata(search_id),
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return int(reply.freed_bytes)
 
     async def score_stream(
         self, requests: AsyncIterable[ScoreRequest] | Sequence[ScoreRequest], search_id: str = ""

@@ -47,6 +47,19 @@ def default_run_overhead(device: str) -> float | None:
     return None if device.startswith("cuda") else 16.0
 
 
+def default_cache_bytes() -> int:
+    """The prefix cache's budget when none is given: an eighth of the memory available at start-up (Linux
+    MemAvailable), at least 64 MiB; 1 GiB where the available memory cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return max(64 << 20, int(line.split()[1]) * 1024 // 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_tokens: int = 16384  # tokens per engine run: rows x row length, padding included
@@ -80,6 +93,9 @@ class EngineConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     # memory the tokenization cache may hold (texts, their ids and offsets); least recently used runs go first
     text_cache_bytes: int = 64 << 20
+    # memory the prefix cache may hold (K/V and scores of earlier calls' steps, stepscore.runtime.prefixcache);
+    # -1 = default_cache_bytes(), 0 = no prefix cache
+    cache_bytes: int = -1
 
     def checked(self, manifest: Manifest) -> EngineConfig:
         """Validate against the bundle; returns the config with defaults resolved."""
@@ -100,6 +116,8 @@ class EngineConfig:
             raise ConfigError(f"plain_rows must be one of {PLAIN_ROWS}, got {self.plain_rows!r}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.cache_bytes < -1:
+            raise ConfigError(f"cache_bytes must be >= 0 (0: no prefix cache) or -1 (default), got {self.cache_bytes}")
         if self.intra_op_threads < 0 or self.min_shared_tokens < 1:
             raise ConfigError("intra_op_threads must be >= 0 and min_shared_tokens >= 1")
         limit = manifest.model.max_seq_len
@@ -124,4 +142,6 @@ class EngineConfig:
         values["max_seq_len"] = max_seq_len
         if self.attention_cost < 0:
             values["attention_cost"] = model_attention_cost(manifest)
+        if self.cache_bytes < 0:
+            values["cache_bytes"] = default_cache_bytes()
         return EngineConfig(**values)

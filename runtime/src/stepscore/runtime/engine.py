@@ -28,12 +28,15 @@ import numpy.typing as npt
 from stepscore.errors import ConfigError, DeadlineExceeded, InvalidRequest, Unavailable
 from stepscore.runtime import costmodel
 from stepscore.runtime.aggregates import aggregate
-from stepscore.runtime.backend import Backend, OrtBackend
+from stepscore.runtime.backend import Backend, KvBackend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
+from stepscore.runtime.cachedbatch import Suffix
 from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.core import Permit
 from stepscore.runtime.formatting import Formatter
 from stepscore.runtime.limits import WorkGuard
 from stepscore.runtime.packing import PackedBatch
+from stepscore.runtime.prefixcache import Match, PrefixCache
 from stepscore.runtime.scheduler import Scheduler, SchedulerStats
 from stepscore.runtime.types import AGGREGATES, CandidateScore, Formatted, ScoreRequest, ScoreResult, Timing, TokenIds
 from stepscore.version import __version__
@@ -141,12 +144,17 @@ class EngineInfo:
 
 
 def build_result(
-    items: Sequence[Formatted], scores: Sequence[npt.NDArray[np.float32]], request: ScoreRequest, timing: Timing
+    items: Sequence[Formatted],
+    scores: Sequence[npt.NDArray[np.float32]],
+    request: ScoreRequest,
+    timing: Timing,
+    cached_tokens: Sequence[int] | None = None,
 ) -> ScoreResult:
     """The answer to `request` from its candidates' step scores: the aggregates asked for, token counts.
     (The benchmark's baselines answer through it too, so every system's result means the same.)"""
     candidates = []
-    for item, values in zip(items, scores, strict=True):
+    cached = cached_tokens if cached_tokens is not None else [0] * len(items)
+    for item, values, from_cache in zip(items, scores, cached, strict=True):
         aggs = aggregate(values, request.aggregates, request.soft_min_temperature) if request.aggregates else {}
         candidates.append(
             CandidateScore(
@@ -154,6 +162,7 @@ def build_result(
                 aggregates=aggs,
                 num_tokens=item.num_tokens,
                 num_truncated_steps=item.num_truncated_steps,
+                cached_tokens=from_cache,
             )
         )
     return ScoreResult(candidates=candidates, timing=timing, request_id=request.request_id)
@@ -168,7 +177,11 @@ class Engine:
             m.format, bundle.tokenizer_path, m.model.vocab_size, self.config.max_seq_len, self.config.text_cache_bytes
         )
         self.backends = list(backends)
-        self._scheduler = Scheduler(self.backends, self.config)
+        # the prefix cache, when the config gives it memory and every device runs the bundle's cached graph
+        self.cache: PrefixCache | None = None
+        if self.config.cache_bytes > 0 and all(isinstance(b, KvBackend) and b.kv_cache for b in self.backends):
+            self.cache = PrefixCache(self.config.cache_bytes)
+        self._scheduler = Scheduler(self.backends, self.config, self.cache)
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
             self.config.tokenizer_threads, thread_name_prefix="stepscore-tokenize"
         )
@@ -190,10 +203,22 @@ class Engine:
         plain = bundle.plain_graph_path if config.plain_rows != "never" else None
         if config.plain_rows == "always" and plain is None:
             raise ConfigError(f"plain_rows='always' but {bundle.path} has no plain-row graph; re-export it with this version")
+        cached = bundle.cached_graph_path if config.cache_bytes != 0 else None
+        if config.cache_bytes != 0 and cached is None:
+            log.info("%s has no cached graph (exported before the prefix cache): the prefix cache is off", bundle.path)
+        m = bundle.manifest.model
         backends: list[Backend] = []
         for dev in _device_list(device, devices):
             threads = config.intra_op_threads or None
-            backend = OrtBackend(bundle.graph_path, dev, threads=threads, io_binding=config.io_binding, plain_graph_path=plain)
+            backend = OrtBackend(
+                bundle.graph_path,
+                dev,
+                threads=threads,
+                io_binding=config.io_binding,
+                plain_graph_path=plain,
+                cached_graph_path=cached,
+                kv_shape=(m.num_layers, m.num_kv_heads, m.head_dim),
+            )
             backend.warmup()
             backends.append(backend)
         return cls(bundle, backends, measured_config(bundle, backends[0], config))
@@ -247,25 +272,90 @@ class Engine:
                 guard.cancel()
                 raise
             tokenize_ms = (time.perf_counter() - t0) * 1000.0
-            queued, future = scheduler.submit(items, request.deadline, permit)
         except BaseException:
             permit.release()
             raise
-        if request.deadline is None:
-            per_item = await future
+        if self.cache is None:
+            return await self._run(request, items, items, None, permit, started, tokenize_ms)
+        # from here until the scores are in, the matched nodes are locked: no eviction takes a past in use
+        matches = self._match(request, items)
+        try:
+            work: list[Formatted] = [s for m, s in matches if s is not None]
+            return await self._run(request, items, work, matches, permit, started, tokenize_ms)
+        finally:
+            for m, _ in matches:
+                if m is not None:
+                    self.cache.release(m.node)
+
+    def _match(self, request: ScoreRequest, items: Sequence[Formatted]) -> list[tuple[Match | None, Suffix | None]]:
+        """Per candidate: what the cache holds of it (locked), and the suffix left to compute (None: nothing)."""
+        assert self.cache is not None
+        out: list[tuple[Match | None, Suffix | None]] = []
+        for item in items:
+            if item.truncated_tokens:  # positions shifted by the cut: nothing to reuse, nothing to keep
+                out.append((None, Suffix(item.ids, item.reads, cacheable=False)))
+                continue
+            m = self.cache.match(item, request.search_id)
+            if m.complete:
+                out.append((m, None))
+                continue
+            ids = item.ids[m.tokens :]
+            reads = (item.reads[len(m.scores) :] - m.tokens).astype(np.int32)
+            out.append((m, Suffix(ids, reads, past=m.node, search_id=request.search_id)))
+        return out
+
+    async def _run(
+        self,
+        request: ScoreRequest,
+        items: Sequence[Formatted],
+        work: Sequence[Formatted],
+        matches: Sequence[tuple[Match | None, Suffix | None]] | None,
+        permit: Permit,
+        started: float,
+        tokenize_ms: float,
+    ) -> ScoreResult:
+        """Queue `work` (the candidates, or their uncached suffixes), wait for its scores, answer."""
+        if not work:  # everything came from the prefix cache
+            permit.release()
+            computed: list[npt.NDArray[np.float32]] = []
+            timing = Timing(tokenize_ms=tokenize_ms, total_ms=(time.perf_counter() - started) * 1000.0)
         else:
             try:
-                per_item = await asyncio.wait_for(future, max(0.0, request.deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded("the deadline passed before the scores were computed") from None
-        queued_at = queued.first_batch_at or queued.arrived
-        timing = Timing(
-            queue_ms=(queued_at - queued.arrived) * 1000.0,
-            tokenize_ms=tokenize_ms,
-            compute_ms=queued.compute_s * 1000.0,
-            total_ms=(time.perf_counter() - started) * 1000.0,
-        )
-        return build_result(items, per_item, request, timing)
+                queued, future = self._scheduler.submit(work, request.deadline, permit)
+            except BaseException:
+                permit.release()
+                raise
+            if request.deadline is None:
+                computed = await future
+            else:
+                try:
+                    computed = await asyncio.wait_for(future, max(0.0, request.deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded("the deadline passed before the scores were computed") from None
+            queued_at = queued.first_batch_at or queued.arrived
+            timing = Timing(
+                queue_ms=(queued_at - queued.arrived) * 1000.0,
+                tokenize_ms=tokenize_ms,
+                compute_ms=queued.compute_s * 1000.0,
+                total_ms=(time.perf_counter() - started) * 1000.0,
+            )
+        if matches is None:
+            return build_result(items, computed, request, timing)
+        # each candidate's scores: the cached ones, then those just computed for its suffix
+        scores: list[npt.NDArray[np.float32]] = []
+        cached_tokens: list[int] = []
+        pending = iter(computed)
+        for m, suffix in matches:
+            held = np.asarray(m.scores if m is not None else [], dtype=np.float32)
+            scores.append(held if suffix is None else np.concatenate([held, next(pending)]))
+            cached_tokens.append(m.tokens if m is not None else 0)
+        return build_result(items, scores, request, timing, cached_tokens)
+
+    def end_search(self, search_id: str) -> int:
+        """Free the prefix-cache entries only `search_id` used (a finished search). Returns the bytes freed."""
+        if not search_id:
+            raise InvalidRequest("search_id", "must not be empty")
+        return self.cache.end_search(search_id) if self.cache is not None else 0
 
     def check_admission(self) -> None:
         """Raise what `score` would refuse a new request with right now (Unavailable, Overloaded) without

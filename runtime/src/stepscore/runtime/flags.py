@@ -172,6 +172,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     add_switch(g, "--no-verify", "skip the sha256 check of the bundle's files at load (sizes are still checked)")
     add_flag(g, "--text-cache-mb", d.text_cache_bytes >> 20, int, "memory for memoised tokenizations of repeated text (MiB)")
+    add_flag(
+        g,
+        "--cache-mb",
+        -1,
+        int,
+        "memory for the prefix cache (MiB): K/V and scores of steps earlier calls computed, so a search's next call "
+        "runs only its new steps; 0 turns it off",
+        shown="an eighth of the memory available at start-up",
+    )
     add_limit_args(p)
 
 
@@ -220,6 +229,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         measure_cost=not args.no_cost_model,
         limits=request_limits(args),
         text_cache_bytes=args.text_cache_mb << 20,
+        cache_bytes=args.cache_mb << 20 if args.cache_mb >= 0 else -1,
     )
 
 

@@ -295,4 +295,4 @@ class Formatter:
             )
         cut = n - self.max_seq_len
         kept = reads >= cut
-        return Formatted(ids[cut:], (reads[kept] - cut).astype(np.int32), int(np.count_nonzero(~kept)))
+        return Formatted(ids[cut:], (reads[kept] - cut).astype(np.int32), int(np.count_nonzero(~kept)), cut)

@@ -74,6 +74,13 @@ class PackedBatch:
     # Set for a plain-row batch (one sequence per row from position 0): the rows' lengths, for the plain
     # graph. Such a batch is also a valid tree batch (position_ids and attn_end are filled too).
     seq_lens: I64Array | None = None
+    # per item: flat indices into the [B * S] tokens of each of its tokens, in order (the prefix cache reads
+    # the item's K/V there)
+    item_tokens: list[npt.NDArray[np.intp]] | None = None
+    # Set for a batch of the cached graph (stepscore.runtime.cachedbatch): how many cached tokens each row
+    # continues, and their K/V [layers, 2, B, kv_heads, P, head_dim] (rows padded to the longest past).
+    past_len: I64Array | None = None
+    past_kv: npt.NDArray[np.generic] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -252,6 +259,7 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
     # Padding tokens see only themselves, so no attention row is empty.
     attn_end = np.tile(np.arange(1, seq + 1, dtype=np.int64), (batch, 1))
     item_layout: list[npt.NDArray[np.int64]] = [np.empty(0, np.int64)] * n
+    item_tokens: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
     row_reads: list[npt.NDArray[np.int64]] = []
     path = np.zeros(int(lengths.max()), dtype=np.int64)
 
@@ -269,6 +277,7 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
                 position_ids[r, pos : pos + new] = np.arange(common, length)
                 path[common:length] = np.arange(pos, pos + new)
                 item_layout[i] = path[items[i].reads].copy()
+                item_tokens[i] = (r * seq + path[:length]).astype(np.intp)
                 pos += new
                 prev_len = length
             attn_end[r, path[:prev_len]] = pos
@@ -277,7 +286,8 @@ def pack(items: Sequence[Formatted], options: PackOptions, max_tokens: int | Non
 
     members = [[(i, item_layout[i]) for p in row for i, _ in pieces[p]] for row in rows]
     submitted = int(sum(int(lengths[i]) for row in rows for p in row for i, _ in pieces[p]))
-    return _batch((input_ids, position_ids, attn_end), row_reads, members, n, submitted, int(sum(fill)), leftover)
+    packed = _batch((input_ids, position_ids, attn_end), row_reads, members, n, submitted, int(sum(fill)), leftover)
+    return replace(packed, item_tokens=item_tokens)
 
 
 def _pack_subset(
@@ -286,11 +296,14 @@ def _pack_subset(
     """Pack `items[keep]`; the others are left over. Indices in the result refer to `items`."""
     sub = pack([items[i] for i in keep], options, max_tokens, pad_id)
     reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
+    tokens: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
     for k, i in enumerate(keep):
         reads[i] = sub.item_reads[k]
+        if sub.item_tokens is not None:
+            tokens[i] = sub.item_tokens[k]
     kept = set(keep)
     rest = [keep[k] for k in sub.leftover] + [i for i in range(len(items)) if i not in kept]
-    return replace(sub, item_reads=reads, leftover=sorted(rest))
+    return replace(sub, item_reads=reads, leftover=sorted(rest), item_tokens=tokens)
 
 
 def _head_length_class(items: Sequence[Formatted], options: PackOptions) -> list[int]:
@@ -377,4 +390,6 @@ def _pack_plain(
     members = [[(r, items[r].reads)] for r in range(keep)]
     used = int(lengths[:keep].sum())
     layout = (input_ids, position_ids, attn_end)
-    return _batch(layout, reads, members, n, used, used, list(range(keep, n)), seq_lens=lengths[:keep].copy())
+    batch = _batch(layout, reads, members, n, used, used, list(range(keep, n)), seq_lens=lengths[:keep].copy())
+    tokens = [(r * seq + np.arange(lengths[r])).astype(np.intp) for r in range(keep)]
+    return replace(batch, item_tokens=tokens + [np.empty(0, np.intp)] * (n - keep))

@@ -17,12 +17,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from stepscore.errors import Unavailable, report_internal
-from stepscore.runtime.backend import Backend
+import numpy as np
+import numpy.typing as npt
+
+from stepscore.errors import ConfigError, Unavailable, report_internal
+from stepscore.runtime.backend import Backend, KvBackend
+from stepscore.runtime.cachedbatch import Suffix, pack_cached, suffix_kv
 from stepscore.runtime.config import EngineConfig, default_plain_cost, default_run_overhead
 from stepscore.runtime.core import CoreConfig, Outcome, Permit, Plan, Request, SchedulingCore, Scores
 from stepscore.runtime.packing import PackedBatch, PackOptions, pack
+from stepscore.runtime.prefixcache import PrefixCache
 from stepscore.runtime.types import Formatted
 
 log = logging.getLogger(__name__)
@@ -72,9 +78,14 @@ def _run_overhead(config: EngineConfig, backends: Sequence[Backend]) -> float | 
 class Scheduler:
     """Feeds the core, runs its plans on the devices, delivers its outcomes to the waiting callers."""
 
-    def __init__(self, backends: Sequence[Backend], config: EngineConfig) -> None:
+    def __init__(self, backends: Sequence[Backend], config: EngineConfig, cache: PrefixCache | None = None) -> None:
         if not backends:
             raise ValueError("the scheduler needs at least one backend")
+        if cache is not None and not all(isinstance(b, KvBackend) for b in backends):
+            raise ConfigError("the prefix cache needs backends that run the cached graph")
+        # With a cache, every batch runs the cached graph: its items are `Suffix`es (stepscore.runtime.cachedbatch)
+        # and their K/V go into the cache after the run.
+        self._cache = cache
         self._backends = list(backends)
         self._config = config
         self._pack = PackOptions(
@@ -220,7 +231,7 @@ class Scheduler:
             await self._slots.acquire()  # at most one prepared batch per device
             plan = await self._next_plan()
             try:
-                batch = await loop.run_in_executor(self._prep_pool, pack, plan.items, self._pack, self._config.max_batch_tokens)
+                batch = await loop.run_in_executor(self._prep_pool, self._layout, plan.items)
             except Exception as exc:  # noqa: BLE001 - logged with an error id; every caller gets that id
                 self._deliver(self.core.fail(plan, report_internal(log, exc, "packing failed")))
                 self._slots.release()
@@ -229,6 +240,13 @@ class Scheduler:
             kept = [k for k in range(len(plan.members)) if k not in left]
             self.core.requeue(plan, batch.leftover)
             self._ready.put_nowait(_Prepared(batch, plan, kept))
+
+    def _layout(self, items: Sequence[Formatted]) -> PackedBatch:
+        if self._cache is None:
+            return pack(items, self._pack, self._config.max_batch_tokens)
+        suffixes = [item for item in items if isinstance(item, Suffix)]
+        assert len(suffixes) == len(items), "with a prefix cache the engine queues Suffix items"
+        return pack_cached(suffixes, self._cache, self._pack, self._config.max_batch_tokens)
 
     # -- devices --------------------------------------------------------------------------------
 
@@ -245,7 +263,11 @@ class Scheduler:
             self._running += 1
             started = time.perf_counter()
             try:
-                scores = await loop.run_in_executor(pool, backend.run, batch)
+                if batch.past_len is not None:
+                    assert isinstance(backend, KvBackend)
+                    scores, present = await loop.run_in_executor(pool, backend.run_cached, batch)
+                else:
+                    scores, present = await loop.run_in_executor(pool, backend.run, batch), None
             except Exception as exc:  # noqa: BLE001 - logged with an error id; every caller gets that id
                 error = report_internal(log, exc, f"engine run failed on {backend.device} (batch {batch.shape})")
                 self._deliver(self.core.fail(prepared.plan, error))
@@ -257,7 +279,21 @@ class Scheduler:
             self._record(batch, elapsed)
             flat = scores.reshape(-1)
             values = [flat[batch.item_reads[k]] for k in prepared.kept]
+            if present is not None:
+                self._remember(prepared, present, values)
             self._deliver(self.core.complete(prepared.plan, values, elapsed))
+
+    def _remember(self, prepared: _Prepared, present: npt.NDArray[Any], values: Sequence[npt.NDArray[np.float32]]) -> None:
+        """Put the suffixes just computed into the prefix cache (before their requests complete and release
+        the nodes they continue)."""
+        assert self._cache is not None
+        # after requeue the plan holds the kept members only, in order: member j is the batch's item kept[j]
+        items = prepared.plan.items
+        for item, k, scores in zip(items, prepared.kept, values, strict=True):
+            if not isinstance(item, Suffix) or not item.cacheable or item.past is None:
+                continue
+            kv = suffix_kv(present, prepared.batch, k)
+            self._cache.insert(item.past, item.ids, item.reads, kv, [float(x) for x in scores], item.search_id)
 
     def _record(self, batch: PackedBatch, elapsed: float) -> None:
         s = self.stats

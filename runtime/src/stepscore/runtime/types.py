@@ -65,6 +65,7 @@ class Formatted:
     ids: IntArray
     reads: IntArray
     num_truncated_steps: int = 0
+    truncated_tokens: int = 0  # tokens cut from the left (truncate_left): positions shifted, not cacheable
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +78,7 @@ class CandidateScore:
     aggregates: Mapping[str, float]
     num_tokens: int
     num_truncated_steps: int = 0
+    cached_tokens: int = 0  # tokens whose K/V and scores came from the prefix cache (not computed again)
 
 
 @dataclass(frozen=True)

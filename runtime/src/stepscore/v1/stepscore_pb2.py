@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstepscore/v1/stepscore.proto\x12\x0cstepscore.v1\"\x9e\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07problem\x18\x02 \x01(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.stepscore.v1.Candidate\x12\x12\n\naggregates\x18\x04 \x03(\t\x12\x1f\n\x12return_step_scores\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rtruncate_left\x18\x06 \x01(\x08\x12\x1c\n\x14soft_min_temperature\x18\x07 \x01(\x02\x12\x12\n\ntimeout_ms\x18\x08 \x01(\r\x12\x14\n\x0cprefix_steps\x18\t \x03(\t\x12\x11\n\tsearch_id\x18\n \x01(\tB\x15\n\x13_return_step_scores\"c\n\tCandidate\x12$\n\x05steps\x18\x01 \x01(\x0b\x32\x13.stepscore.v1.StepsH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.stepscore.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x16\n\x05Steps\x12\r\n\x05steps\x18\x01 \x03(\t\"/\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x16\n\x0estep_positions\x18\x02 \x03(\r\"|\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\ncandidates\x18\x02 \x03(\x0b\x32\x1d.stepscore.v1.CandidateScores\x12$\n\x06timing\x18\x03 \x01(\x0b\x32\x14.stepscore.v1.Timing\"\xcd\x01\n\x0f\x43\x61ndidateScores\x12\x13\n\x0bstep_scores\x18\x01 \x03(\x02\x12\x41\n\naggregates\x18\x02 \x03(\x0b\x32-.stepscore.v1.CandidateScores.AggregatesEntry\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_truncated_steps\x18\x04 \x01(\r\x1a\x31\n\x0f\x41ggregatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x8a\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.stepscore.v1.ScoreResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.stepscore.v1.ErrorH\x00\x42\x08\n\x06result\"G\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x10\n\x08\x65rror_id\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\xf6\x04\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x06 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x07 \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x08 \x01(\x04\x12!\n\x19max_receive_message_bytes\x18\t \x01(\r\x12\x1e\n\x16max_send_message_bytes\x18\n \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\x0b \x03(\t\x12\x12\n\naggregates\x18\x0c \x03(\t\x12\x19\n\x11stepscore_version\x18\r \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x0e \x01(\t\x12\x14\n\x0cgrpc_version\x18\x0f \x01(\t\x12\x1a\n\x12\x66ormat_description\x18\x10 \x01(\t\x12\x15\n\rmanifest_json\x18\x11 \x01(\t\x12\x16\n\x0emax_candidates\x18\x12 \x01(\r\x12\x1f\n\x17max_steps_per_candidate\x18\x13 \x01(\r\x12\x19\n\x11max_problem_chars\x18\x14 \x01(\r\x12\x16\n\x0emax_step_chars\x18\x15 \x01(\r\x12\x19\n\x11max_request_chars\x18\x16 \x01(\x04\x12\x1b\n\x13max_stream_inflight\x18\x17 \x01(\r\x12\x1c\n\x14stream_stall_seconds\x18\x18 \x01(\x01\x12\x12\n\nreplica_id\x18\x19 \x01(\t2\xdf\x01\n\nStepScorer\x12@\n\x05Score\x12\x1a.stepscore.v1.ScoreRequest\x1a\x1b.stepscore.v1.ScoreResponse\x12P\n\x0bScoreStream\x12\x1a.stepscore.v1.ScoreRequest\x1a!.stepscore.v1.ScoreStreamResponse(\x01\x30\x01\x12=\n\x04Info\x12\x19.stepscore.v1.InfoRequest\x1a\x1a.stepscore.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstepscore/v1/stepscore.proto\x12\x0cstepscore.v1\"%\n\x10\x45ndSearchRequest\x12\x11\n\tsearch_id\x18\x01 \x01(\t\"(\n\x11\x45ndSearchResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\x9e\x02\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07problem\x18\x02 \x01(\t\x12+\n\ncandidates\x18\x03 \x03(\x0b\x32\x17.stepscore.v1.Candidate\x12\x12\n\naggregates\x18\x04 \x03(\t\x12\x1f\n\x12return_step_scores\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rtruncate_left\x18\x06 \x01(\x08\x12\x1c\n\x14soft_min_temperature\x18\x07 \x01(\x02\x12\x12\n\ntimeout_ms\x18\x08 \x01(\r\x12\x14\n\x0cprefix_steps\x18\t \x03(\t\x12\x11\n\tsearch_id\x18\n \x01(\tB\x15\n\x13_return_step_scores\"c\n\tCandidate\x12$\n\x05steps\x18\x01 \x01(\x0b\x32\x13.stepscore.v1.StepsH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.stepscore.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x16\n\x05Steps\x12\r\n\x05steps\x18\x01 \x03(\t\"/\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x16\n\x0estep_positions\x18\x02 \x03(\r\"|\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\ncandidates\x18\x02 \x03(\x0b\x32\x1d.stepscore.v1.CandidateScores\x12$\n\x06timing\x18\x03 \x01(\x0b\x32\x14.stepscore.v1.Timing\"\xe4\x01\n\x0f\x43\x61ndidateScores\x12\x13\n\x0bstep_scores\x18\x01 \x03(\x02\x12\x41\n\naggregates\x18\x02 \x03(\x0b\x32-.stepscore.v1.CandidateScores.AggregatesEntry\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_truncated_steps\x18\x04 \x01(\r\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x1a\x31\n\x0f\x41ggregatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x8a\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.stepscore.v1.ScoreResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.stepscore.v1.ErrorH\x00\x42\x08\n\x06result\"G\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x10\n\x08\x65rror_id\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\x92\x05\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x06 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x07 \x01(\r\x12\x19\n\x11max_queued_tokens\x18\x08 \x01(\x04\x12!\n\x19max_receive_message_bytes\x18\t \x01(\r\x12\x1e\n\x16max_send_message_bytes\x18\n \x01(\r\x12\x0f\n\x07\x64\x65vices\x18\x0b \x03(\t\x12\x12\n\naggregates\x18\x0c \x03(\t\x12\x19\n\x11stepscore_version\x18\r \x01(\t\x12\x1b\n\x13onnxruntime_version\x18\x0e \x01(\t\x12\x14\n\x0cgrpc_version\x18\x0f \x01(\t\x12\x1a\n\x12\x66ormat_description\x18\x10 \x01(\t\x12\x15\n\rmanifest_json\x18\x11 \x01(\t\x12\x16\n\x0emax_candidates\x18\x12 \x01(\r\x12\x1f\n\x17max_steps_per_candidate\x18\x13 \x01(\r\x12\x19\n\x11max_problem_chars\x18\x14 \x01(\r\x12\x16\n\x0emax_step_chars\x18\x15 \x01(\r\x12\x19\n\x11max_request_chars\x18\x16 \x01(\x04\x12\x1b\n\x13max_stream_inflight\x18\x17 \x01(\r\x12\x1c\n\x14stream_stall_seconds\x18\x18 \x01(\x01\x12\x12\n\nreplica_id\x18\x19 \x01(\t\x12\x1a\n\x12prefix_cache_bytes\x18\x1a \x01(\x04\x32\xad\x02\n\nStepScorer\x12@\n\x05Score\x12\x1a.stepscore.v1.ScoreRequest\x1a\x1b.stepscore.v1.ScoreResponse\x12P\n\x0bScoreStream\x12\x1a.stepscore.v1.ScoreRequest\x1a!.stepscore.v1.ScoreStreamResponse(\x01\x30\x01\x12=\n\x04Info\x12\x19.stepscore.v1.InfoRequest\x1a\x1a.stepscore.v1.InfoResponse\x12L\n\tEndSearch\x12\x1e.stepscore.v1.EndSearchRequest\x1a\x1f.stepscore.v1.EndSearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CANDIDATESCORES_AGGREGATESENTRY']._loaded_options = None
   _globals['_CANDIDATESCORES_AGGREGATESENTRY']._serialized_options = b'8\001'
-  _globals['_SCOREREQUEST']._serialized_start=47
-  _globals['_SCOREREQUEST']._serialized_end=333
-  _globals['_CANDIDATE']._serialized_start=335
-  _globals['_CANDIDATE']._serialized_end=434
-  _globals['_STEPS']._serialized_start=436
-  _globals['_STEPS']._serialized_end=458
-  _globals['_TOKENIDS']._serialized_start=460
-  _globals['_TOKENIDS']._serialized_end=507
-  _globals['_SCORERESPONSE']._serialized_start=509
-  _globals['_SCORERESPONSE']._serialized_end=633
-  _globals['_CANDIDATESCORES']._serialized_start=636
-  _globals['_CANDIDATESCORES']._serialized_end=841
-  _globals['_CANDIDATESCORES_AGGREGATESENTRY']._serialized_start=792
-  _globals['_CANDIDATESCORES_AGGREGATESENTRY']._serialized_end=841
-  _globals['_TIMING']._serialized_start=843
-  _globals['_TIMING']._serialized_end=928
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=931
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1069
-  _globals['_ERROR']._serialized_start=1071
-  _globals['_ERROR']._serialized_end=1142
-  _globals['_INFOREQUEST']._serialized_start=1144
-  _globals['_INFOREQUEST']._serialized_end=1157
-  _globals['_INFORESPONSE']._serialized_start=1160
-  _globals['_INFORESPONSE']._serialized_end=1790
-  _globals['_STEPSCORER']._serialized_start=1793
-  _globals['_STEPSCORER']._serialized_end=2016
+  _globals['_ENDSEARCHREQUEST']._serialized_start=46
+  _globals['_ENDSEARCHREQUEST']._serialized_end=83
+  _globals['_ENDSEARCHRESPONSE']._serialized_start=85
+  _globals['_ENDSEARCHRESPONSE']._serialized_end=125
+  _globals['_SCOREREQUEST']._serialized_start=128
+  _globals['_SCOREREQUEST']._serialized_end=414
+  _globals['_CANDIDATE']._serialized_start=416
+  _globals['_CANDIDATE']._serialized_end=515
+  _globals['_STEPS']._serialized_start=517
+  _globals['_STEPS']._serialized_end=539
+  _globals['_TOKENIDS']._serialized_start=541
+  _globals['_TOKENIDS']._serialized_end=588
+  _globals['_SCORERESPONSE']._serialized_start=590
+  _globals['_SCORERESPONSE']._serialized_end=714
+  _globals['_CANDIDATESCORES']._serialized_start=717
+  _globals['_CANDIDATESCORES']._serialized_end=945
+  _globals['_CANDIDATESCORES_AGGREGATESENTRY']._serialized_start=896
+  _globals['_CANDIDATESCORES_AGGREGATESENTRY']._serialized_end=945
+  _globals['_TIMING']._serialized_start=947
+  _globals['_TIMING']._serialized_end=1032
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1035
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1173
+  _globals['_ERROR']._serialized_start=1175
+  _globals['_ERROR']._serialized_end=1246
+  _globals['_INFOREQUEST']._serialized_start=1248
+  _globals['_INFOREQUEST']._serialized_end=1261
+  _globals['_INFORESPONSE']._serialized_start=1264
+  _globals['_INFORESPONSE']._serialized_end=1922
+  _globals['_STEPSCORER']._serialized_start=1925
+  _globals['_STEPSCORER']._serialized_end=2226
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EndSearchRequest(_message.Message):
+    __slots__ = ("search_id",)
+    SEARCH_ID_FIELD_NUMBER: _ClassVar[int]
+    search_id: str
+    def __init__(self, search_id: _Optional[str] = ...) -> None: ...
+
+class EndSearchResponse(_message.Message):
+    __slots__ = ("freed_bytes",)
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
+
 class ScoreRequest(_message.Message):
     __slots__ = ("request_id", "problem", "candidates", "aggregates", "return_step_scores", "truncate_left", "soft_min_temperature", "timeout_ms", "prefix_steps", "search_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -63,7 +75,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScores, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class CandidateScores(_message.Message):
-    __slots__ = ("step_scores", "aggregates", "num_tokens", "num_truncated_steps")
+    __slots__ = ("step_scores", "aggregates", "num_tokens", "num_truncated_steps", "cached_tokens")
     class AggregatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,11 +87,13 @@ class CandidateScores(_message.Message):
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_TRUNCATED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step_scores: _containers.RepeatedScalarFieldContainer[float]
     aggregates: _containers.ScalarMap[str, float]
     num_tokens: int
     num_truncated_steps: int
-    def __init__(self, step_scores: _Optional[_Iterable[float]] = ..., aggregates: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., num_truncated_steps: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, step_scores: _Optional[_Iterable[float]] = ..., aggregates: _Optional[_Mapping[str, float]] = ..., num_tokens: _Optional[int] = ..., num_truncated_steps: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "tokenize_ms", "compute_ms", "total_ms")
@@ -120,7 +134,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "family", "preset", "precision", "max_seq_len", "max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_receive_message_bytes", "max_send_message_bytes", "devices", "aggregates", "stepscore_version", "onnxruntime_version", "grpc_version", "format_description", "manifest_json", "max_candidates", "max_steps_per_candidate", "max_problem_chars", "max_step_chars", "max_request_chars", "max_stream_inflight", "stream_stall_seconds", "replica_id")
+    __slots__ = ("model", "family", "preset", "precision", "max_seq_len", "max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_receive_message_bytes", "max_send_message_bytes", "devices", "aggregates", "stepscore_version", "onnxruntime_version", "grpc_version", "format_description", "manifest_json", "max_candidates", "max_steps_per_candidate", "max_problem_chars", "max_step_chars", "max_request_chars", "max_stream_inflight", "stream_stall_seconds", "replica_id", "prefix_cache_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +160,7 @@ class InfoResponse(_message.Message):
     MAX_STREAM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     STREAM_STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     preset: str
@@ -171,4 +186,5 @@ class InfoResponse(_message.Message):
     max_stream_inflight: int
     stream_stall_seconds: float
     replica_id: str
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., preset: _Optional[str] = ..., precision: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., stepscore_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., format_description: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_steps_per_candidate: _Optional[int] = ..., max_problem_chars: _Optional[int] = ..., max_step_chars: _Optional[int] = ..., max_request_chars: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., stream_stall_seconds: _Optional[float] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    prefix_cache_bytes: int
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., preset: _Optional[str] = ..., precision: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_send_message_bytes: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., stepscore_version: _Optional[str] = ..., onnxruntime_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., format_description: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_candidates: _Optional[int] = ..., max_steps_per_candidate: _Optional[int] = ..., max_problem_chars: _Optional[int] = ..., max_step_chars: _Optional[int] = ..., max_request_chars: _Optional[int] = ..., max_stream_inflight: _Optional[int] = ..., stream_stall_seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., prefix_cache_bytes: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class StepScorerStub:
                 request_serializer=stepscore_dot_v1_dot_stepscore__pb2.InfoRequest.SerializeToString,
                 response_deserializer=stepscore_dot_v1_dot_stepscore__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.EndSearch = channel.unary_unary(
+                '/stepscore.v1.StepScorer/EndSearch',
+                request_serializer=stepscore_dot_v1_dot_stepscore__pb2.EndSearchRequest.SerializeToString,
+                response_deserializer=stepscore_dot_v1_dot_stepscore__pb2.EndSearchResponse.FromString,
+                _registered_method=True)
 
 
 class StepScorerServicer:
@@ -81,6 +86,15 @@ class StepScorerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndSearch(self, request, context):
+        """A search is finished: free the prefix-cache entries only its calls used (entries other searches or
+        anonymous calls also used stay until evicted). Optional: unended searches' entries are evicted
+        least-recently-used first once the cache is full. Idempotent; an unknown search_id frees nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StepScorerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +112,11 @@ def add_StepScorerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=stepscore_dot_v1_dot_stepscore__pb2.InfoRequest.FromString,
                     response_serializer=stepscore_dot_v1_dot_stepscore__pb2.InfoResponse.SerializeToString,
+            ),
+            'EndSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSearch,
+                    request_deserializer=stepscore_dot_v1_dot_stepscore__pb2.EndSearchRequest.FromString,
+                    response_serializer=stepscore_dot_v1_dot_stepscore__pb2.EndSearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +200,33 @@ class StepScorer:
             '/stepscore.v1.StepScorer/Info',
             stepscore_dot_v1_dot_stepscore__pb2.InfoRequest.SerializeToString,
             stepscore_dot_v1_dot_stepscore__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepscore.v1.StepScorer/EndSearch',
+            stepscore_dot_v1_dot_stepscore__pb2.EndSearchRequest.SerializeToString,
+            stepscore_dot_v1_dot_stepscore__pb2.EndSearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

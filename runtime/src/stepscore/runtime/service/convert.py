@@ -100,6 +100,7 @@ def result_to_proto(result: ScoreResult) -> Any:
             aggregates=dict(cand.aggregates),
             num_tokens=cand.num_tokens,
             num_truncated_steps=cand.num_truncated_steps,
+            cached_tokens=cand.cached_tokens,
         )
     return msg
 
@@ -113,6 +114,7 @@ def result_from_proto(msg: Any, replica: str = "") -> ScoreResult:
                 aggregates=dict(c.aggregates),
                 num_tokens=c.num_tokens,
                 num_truncated_steps=c.num_truncated_steps,
+                cached_tokens=c.cached_tokens,
             )
             for c in msg.candidates
         ],

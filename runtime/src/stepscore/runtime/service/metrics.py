@@ -13,8 +13,11 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from stepscore.runtime.packing import PackedBatch
+from stepscore.runtime.prefixcache import PrefixCache
 from stepscore.runtime.types import ScoreResult
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -90,7 +93,8 @@ class Metrics:
         )
         self.batches = Counter(
             "stepscore_batches",
-            "Engine runs by graph: tree (packed rows, shared prefixes) or plain (one padded row per candidate)",
+            "Engine runs by graph: tree (packed rows, shared prefixes), plain (one padded row per candidate) or cached "
+            "(suffixes continuing the prefix cache)",
             ["graph"],
             registry=r,
         )
@@ -111,8 +115,12 @@ class Metrics:
         self.queued_tokens.set_function(tokens)
         self.text_cache.set_function(cache)
 
+    def bind_prefix_cache(self, cache: PrefixCache) -> None:
+        """Export the prefix cache's counters, read at each scrape (the cache owns them)."""
+        self.registry.register(_PrefixCacheCollector(cache))
+
     def observe_batch(self, batch: PackedBatch, seconds: float) -> None:
-        self.batches.labels("tree" if batch.seq_lens is None else "plain").inc()
+        self.batches.labels("cached" if batch.past_len is not None else "tree" if batch.seq_lens is None else "plain").inc()
         self.batch_tokens.observe(batch.tokens_computed)
         self.batch_rows.observe(batch.shape[0])
         self.batch_padding.observe(batch.padding_fraction)
@@ -150,3 +158,32 @@ class Metrics:
             if self._serving:
                 http.shutdown()
             http.server_close()
+
+
+class _PrefixCacheCollector(Collector):
+    def __init__(self, cache: PrefixCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Any:
+        s = self._cache.stats
+        tokens = CounterMetricFamily(
+            "stepscore_prefix_cache_tokens",
+            "Candidate tokens by where they came from: hit (the prefix cache) or miss (computed)",
+            labels=["kind"],
+        )
+        tokens.add_metric(["hit"], s.hit_tokens)
+        tokens.add_metric(["miss"], s.miss_tokens)
+        yield tokens
+        yield GaugeMetricFamily("stepscore_prefix_cache_bytes", "K/V bytes the prefix cache holds", value=s.bytes)
+        yield GaugeMetricFamily(
+            "stepscore_prefix_cache_budget_bytes",
+            "Memory the prefix cache may hold (--cache-mb)",
+            value=self._cache.budget_bytes,
+        )
+        yield GaugeMetricFamily("stepscore_prefix_cache_entries", "Cached step segments", value=s.entries)
+        yield CounterMetricFamily(
+            "stepscore_prefix_cache_evictions", "Segments evicted to make room (least recently used first)", value=s.evictions
+        )
+        yield CounterMetricFamily(
+            "stepscore_prefix_cache_end_search_frees", "Segments freed by EndSearch", value=s.freed_by_end_search
+        )

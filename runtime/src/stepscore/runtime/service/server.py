@@ -104,6 +104,8 @@ class Server:
         self.metrics.bind(
             lambda: self.engine.queue_depth, lambda: self.engine.queued_tokens, lambda: self.engine.formatter.cache_bytes
         )
+        if self.engine.cache is not None:
+            self.metrics.bind_prefix_cache(self.engine.cache)
         self.engine.on_batch(self.metrics.observe_batch)
         self.metrics.start_serving()  # bound in __init__, with the gRPC port
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -68,6 +68,11 @@ def register(servicer: StepScorerServicer, server: grpc.aio.Server) -> None:
             request_deserializer=_safe(pb.InfoRequest.FromString),
             response_serializer=pb.InfoResponse.SerializeToString,
         ),
+        "EndSearch": grpc.unary_unary_rpc_method_handler(
+            servicer.EndSearch,
+            request_deserializer=_safe(pb.EndSearchRequest.FromString),
+            response_serializer=pb.EndSearchResponse.SerializeToString,
+        ),
     }
     name = pb.DESCRIPTOR.services_by_name["StepScorer"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
@@ -268,4 +273,14 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
             max_stream_inflight=self._config.max_stream_inflight,
             stream_stall_seconds=self._config.stream_stall_seconds,
             replica_id=self.replica_id,
+            prefix_cache_bytes=self._engine.cache.budget_bytes if self._engine.cache is not None else 0,
         )
+
+    async def EndSearch(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            freed = self._engine.end_search(request.search_id)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes exactly one status
+            status = to_status(exc)
+            await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata() + self._replica())
+        await context.send_initial_metadata(self._replica())
+        return pb.EndSearchResponse(freed_bytes=freed)

@@ -1,0 +1,163 @@
+"""Batches for the cached graph: each candidate's uncached suffix, continuing the K/V the prefix cache holds.
+
+The engine matches every candidate against the prefix cache (stepscore.runtime.prefixcache) and queues only
+what is left: a `Suffix`, whose ids and reads are relative to the end of its matched node. `pack_cached`
+groups suffixes by that node (one past per row), lays each group out with the ordinary packer (so
+candidates forking from one cached node still share their common tokens in one tree row), and stacks the
+groups into one batch: positions shifted by the past's length, the pasts padded to the longest and masked
+by `past_len`. After the run, `suffix_kv` cuts each suffix's K/V out of the batch's present outputs for
+the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from stepscore.runtime.backend import KvBackend
+from stepscore.runtime.packing import PackedBatch, PackOptions, pack
+from stepscore.runtime.prefixcache import KvArray, Node, PrefixCache
+from stepscore.runtime.types import Formatted
+
+
+@dataclass(frozen=True)
+class Suffix(Formatted):
+    """The part of a candidate the cache did not hold: `ids`/`reads` start after `past` (a locked node;
+    the root when nothing matched). `cacheable` is False for candidates whose positions were shifted by
+    left truncation: they run from position 0 and their K/V are not kept."""
+
+    past: Node | None = None
+    search_id: str = ""
+    cacheable: bool = True
+
+    @property
+    def start(self) -> int:
+        return 0 if self.past is None else self.past.end
+
+
+def pack_cached(
+    items: Sequence[Suffix], cache: PrefixCache, options: PackOptions, max_tokens: int | None = None, pad_id: int = 0
+) -> PackedBatch:
+    """Lay out suffixes for the cached graph (see the module doc). Groups past `max_tokens` (rows x row
+    length; at least one group is kept) are left over."""
+    if not items:
+        raise ValueError("pack_cached() needs at least one item")
+    tree_only = replace(options, plain_cost=None, run_overhead=None)
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(id(item.past), []).append(i)
+    subs: list[tuple[list[int], PackedBatch]] = []
+    rows = seq = 0
+    leftover: list[int] = []
+    for members in groups.values():
+        sub = pack([items[i] for i in members], tree_only, None, pad_id)
+        b, s = sub.shape
+        longer = max(seq, s)
+        if subs and max_tokens is not None and (rows + b) * longer > max_tokens:
+            leftover.extend(members)
+            continue
+        subs.append((members, sub))
+        rows, seq = rows + b, longer
+    k = max(sub.step_positions.shape[1] for _, sub in subs)
+    input_ids = np.full((rows, seq), pad_id, dtype=np.int64)
+    position_ids = np.zeros((rows, seq), dtype=np.int64)
+    attn_end = np.tile(np.arange(1, seq + 1, dtype=np.int64), (rows, 1))  # padding sees only itself
+    step_positions = np.zeros((rows, k), dtype=np.int64)
+    past_len = np.zeros(rows, dtype=np.int64)
+    item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
+    item_tokens: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
+    pasts: list[tuple[slice, KvArray | None]] = []
+    r0 = 0
+    for members, sub in subs:
+        b, s = sub.shape
+        kk = sub.step_positions.shape[1]
+        start = items[members[0]].start
+        rs = slice(r0, r0 + b)
+        input_ids[rs, :s] = sub.input_ids
+        position_ids[rs, :s] = sub.position_ids + start
+        attn_end[rs, :s] = sub.attn_end
+        step_positions[rs, :kk] = sub.step_positions
+        past_len[rs] = start
+        assert sub.item_tokens is not None
+        for j, i in enumerate(members):
+            reads = sub.item_reads[j]
+            item_reads[i] = ((r0 + reads // kk) * k + reads % kk).astype(np.intp)
+            toks = sub.item_tokens[j]
+            item_tokens[i] = ((r0 + toks // s) * seq + toks % s).astype(np.intp)
+        past = items[members[0]].past
+        pasts.append((rs, cache.past(past) if past is not None else None))
+        r0 += b
+    past_kv = _stack_pasts(pasts, rows)
+    used = sum(sub.tokens_used for _, sub in subs)
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attn_end=attn_end,
+        step_positions=step_positions,
+        item_reads=item_reads,
+        tokens_submitted=sum(sub.tokens_submitted for _, sub in subs),
+        tokens_used=used,
+        reads_computed=sum(sub.reads_computed for _, sub in subs),
+        leftover=sorted(leftover),
+        item_tokens=item_tokens,
+        past_len=past_len,
+        past_kv=past_kv,
+    )
+
+
+def _stack_pasts(pasts: Sequence[tuple[slice, KvArray | None]], rows: int) -> KvArray | None:
+    """[layers, 2, B, kv_heads, P, D], each row's past at its start and zeros after it; None when no row has
+    a past (the backend then feeds empty pasts)."""
+    known = [kv for _, kv in pasts if kv is not None]
+    if not known:
+        return None
+    layers, two, heads, _, dim = known[0].shape
+    longest = max(kv.shape[3] for kv in known)
+    out = np.zeros((layers, two, rows, heads, longest, dim), dtype=known[0].dtype)
+    for rs, kv in pasts:
+        if kv is not None:
+            out[:, :, rs, :, : kv.shape[3]] = kv[:, :, None]
+    return out
+
+
+def suffix_kv(present: KvArray, batch: PackedBatch, index: int) -> KvArray:
+    """Item `index`'s K/V [layers, 2, kv_heads, tokens, D] from the batch's present [layers, 2, B, kv, S, D]."""
+    assert batch.item_tokens is not None
+    _, s = batch.shape
+    flat = batch.item_tokens[index]
+    row = int(flat[0]) // s
+    return np.ascontiguousarray(present[:, :, row][:, :, :, flat - row * s])
+
+
+def empty_past(layers: int, heads: int, dim: int, rows: int, dtype: npt.DTypeLike) -> KvArray:
+    """The past of a batch where no row continues a cached prefix: zero tokens."""
+    return np.zeros((layers, 2, rows, heads, 0, dim), dtype=dtype)
+
+
+def score_in_increments(
+    backend: KvBackend, cache: PrefixCache, item: Formatted, cuts: Sequence[int], options: PackOptions | None = None
+) -> npt.NDArray[np.float32]:
+    """Score `item` as a search would send it: its first `cuts[0]` steps, then the first `cuts[1]`, ...
+    (ending with all of them), each call through the cache. Returns the last call's scores. Export's
+    validation and the tests compare them with scoring the whole chain at once."""
+    scores: npt.NDArray[np.float32] = np.empty(0, np.float32)
+    for cut in [*cuts, int(item.reads.shape[0])]:
+        prefix = Formatted(item.ids[: int(item.reads[cut - 1]) + 1], item.reads[:cut])
+        m = cache.match(prefix)
+        try:
+            held = np.asarray(m.scores, dtype=np.float32)
+            if m.complete:
+                scores = held
+                continue
+            suffix = Suffix(prefix.ids[m.tokens :], (prefix.reads[len(m.scores) :] - m.tokens).astype(np.int32), past=m.node)
+            batch = pack_cached([suffix], cache, options or PackOptions())
+            out, present = backend.run_cached(batch)
+            new = out.reshape(-1)[batch.item_reads[0]]
+            cache.insert(m.node, suffix.ids, suffix.reads, suffix_kv(present, batch, 0), [float(x) for x in new])
+            scores = np.concatenate([held, new])
+        finally:
+            cache.release(m.node)
+    return scores

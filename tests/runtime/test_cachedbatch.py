@@ -1,0 +1,185 @@
+"""The prefix cache through the engine and the cached graph: cached scores equal scoring from scratch.
+
+Each test runs two engines on one tiny bundle, one with the prefix cache and one without, and compares
+every score (fp32: 1e-5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.engine import Engine
+from stepscore.runtime.types import ScoreRequest, ScoreResult
+
+PROBLEM = "Compute the sum of the first four squares."
+STEPS = [
+    "1 + 4 = 5.",
+    "5 + 9 = 14.",
+    "14 + 16 = 30.",
+    "So the answer is 30.",
+    "Check: 30 - 16 = 14.",
+    "Another try: 1 + 4 + 9 = 15.",
+    "Wrong: 15 + 16 = 32.",
+    "The answer is \\boxed{30}.",
+]
+TOL = 1e-5
+
+
+def _config(cache_bytes: int, **extra: float) -> EngineConfig:
+    return EngineConfig(cache_bytes=cache_bytes, max_wait_ms=extra.pop("max_wait_ms", 1.0), **extra)  # type: ignore[arg-type]
+
+
+async def _both(bundle: Path, requests: list[list[ScoreRequest]], cache_bytes: int) -> tuple[list[ScoreResult], Engine]:
+    """Score each wave of requests concurrently (waves one after the other) with the cache and without; assert
+    the scores agree; return the cached engine's results (the engine is closed, its cache still readable)."""
+    async with (
+        Engine.from_bundle(bundle, config=_config(0)) as plain,
+        Engine.from_bundle(bundle, config=_config(cache_bytes)) as cached,
+    ):
+        assert cached.cache is not None and plain.cache is None
+        out: list[ScoreResult] = []
+        for wave in requests:
+            want = await asyncio.gather(*(plain.score(r) for r in wave))
+            got = await asyncio.gather(*(cached.score(r) for r in wave))
+            for w, g in zip(want, got, strict=True):
+                for cw, cg in zip(w.candidates, g.candidates, strict=True):
+                    assert len(cw.step_scores) == len(cg.step_scores)
+                    np.testing.assert_allclose(cg.step_scores, cw.step_scores, atol=TOL, rtol=0)
+                    for name, value in cw.aggregates.items():
+                        assert abs(cg.aggregates[name] - value) <= TOL
+            out.extend(got)
+            cached.cache.check()
+        return out, cached
+
+
+@pytest.mark.parametrize("kind", ["qwen-prm", "math-shepherd", "rlhflow"])
+def test_step_by_step_calls_reuse_every_earlier_step(tiny_bundle: Callable[..., Path], kind: str) -> None:
+    bundle = tiny_bundle(kind)
+    waves = [[ScoreRequest(PROBLEM, [STEPS[:k]], search_id="s", aggregates=("min",))] for k in range(1, 6)]
+    results, engine = asyncio.run(_both(bundle, waves, 64 << 20))
+    cached = [r.candidates[0].cached_tokens for r in results]
+    sizes = [r.candidates[0].num_tokens for r in results]
+    assert cached[0] == 0
+    # every later call finds the whole previous chain (the formats cut no merge across a step boundary here)
+    assert cached[1:] == sizes[:-1]
+    assert engine.cache is not None and engine.cache.stats.hit_tokens == sum(sizes[:-1])
+
+
+def test_beam_like_calls_with_many_candidates_and_concurrent_requests(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+    beams = [STEPS[:2], [*STEPS[:1], STEPS[5]], STEPS[:3]]
+    wave1 = [ScoreRequest(PROBLEM, beams, search_id="b1"), ScoreRequest(PROBLEM, [STEPS[:1]], search_id="b2")]
+    # next iteration: each beam plus two next steps, several requests at once (rows with different pasts)
+    wave2 = [
+        ScoreRequest(PROBLEM, [[*b, STEPS[6]], [*b, STEPS[7]]], search_id="b1", request_id=str(i)) for i, b in enumerate(beams)
+    ]
+    wave2.append(ScoreRequest(PROBLEM, [STEPS[:1], STEPS[:2]], search_id="b2"))  # fully cached + one step
+    results, _ = asyncio.run(_both(bundle, [wave1, wave2], 64 << 20))
+    for r in results[2:5]:
+        assert all(c.cached_tokens > 0 for c in r.candidates)
+    assert results[5].candidates[0].cached_tokens == results[5].candidates[0].num_tokens
+
+
+def test_truncated_candidates_bypass_the_cache(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+
+    async def run() -> tuple[ScoreResult, ScoreResult]:
+        config = EngineConfig(cache_bytes=64 << 20, max_wait_ms=1.0, max_seq_len=60)
+        async with Engine.from_bundle(bundle, config=config) as engine:
+            request = ScoreRequest(PROBLEM, [STEPS[:6]], truncate_left=True)
+            first, second = await engine.score(request), await engine.score(request)
+            assert engine.cache is not None and engine.cache.stats.entries == 0
+            return first, second
+
+    first, second = asyncio.run(run())
+    assert first.candidates[0].num_tokens == 60  # cut from the left (here inside the problem: every step kept)
+    assert second.candidates[0].cached_tokens == 0
+    assert first.candidates[0].step_scores == second.candidates[0].step_scores
+
+
+def test_identical_requests_arriving_together_compute_their_prefix_once(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+
+    async def run() -> tuple[int, int]:
+        # a long wait: both requests are in the queue before the first batch is planned
+        config = EngineConfig(cache_bytes=64 << 20, max_wait_ms=1000.0)
+        async with Engine.from_bundle(bundle, config=config) as engine:
+            request = ScoreRequest(PROBLEM, [STEPS[:4]])
+            a, b = await asyncio.gather(engine.score(request), engine.score(request))
+            assert a.candidates[0].step_scores == b.candidates[0].step_scores
+            return engine.stats.tokens_used, a.candidates[0].num_tokens
+
+    used, size = asyncio.run(run())
+    assert used == size  # one tree row computed the shared chain once
+
+
+def test_end_search_frees_and_no_cache_means_nothing_to_free(tiny_bundle: Callable[..., Path]) -> None:
+    bundle = tiny_bundle("qwen-prm")
+
+    async def run() -> tuple[int, int, int]:
+        async with (
+            Engine.from_bundle(bundle, config=_config(64 << 20)) as engine,
+            Engine.from_bundle(bundle, config=_config(0)) as off,
+        ):
+            await engine.score(ScoreRequest(PROBLEM, [STEPS[:3]], search_id="done"))
+            await off.score(ScoreRequest(PROBLEM, [STEPS[:3]], search_id="done"))
+            assert engine.cache is not None
+            held = engine.cache.stats.bytes
+            freed = engine.end_search("done")
+            return held, freed, off.end_search("done")
+
+    held, freed, off = asyncio.run(run())
+    assert held > 0 and freed == held and off == 0
+
+
+def test_a_bundle_without_the_cached_graph_runs_without_a_cache(tiny_bundle: Callable[..., Path], tmp_path: Path) -> None:
+    import shutil
+
+    from tests.helpers.bundles import edit_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle("qwen-prm"), old)
+
+    def drop(m: dict[str, object]) -> None:
+        graph = m["graph"]
+        assert isinstance(graph, dict)
+        graph["cached_file"] = None
+        files = m["files"]
+        assert isinstance(files, dict)
+        files.pop("model_cached.onnx")
+
+    edit_manifest(old, drop)
+    (old / "model_cached.onnx").unlink()
+
+    async def run() -> ScoreResult:
+        async with Engine.from_bundle(old, config=_config(64 << 20)) as engine:
+            assert engine.cache is None
+            return await engine.score(ScoreRequest(PROBLEM, [STEPS[:2]]))
+
+    assert len(asyncio.run(run()).candidates[0].step_scores) == 2
+
+
+chains = st.lists(st.lists(st.integers(0, len(STEPS) - 1), min_size=1, max_size=5), min_size=1, max_size=4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(waves=st.lists(st.lists(chains, min_size=1, max_size=3), min_size=1, max_size=4), budget_kb=st.integers(4, 256))
+def test_random_search_traffic_scores_like_from_scratch(
+    tiny_bundle: Callable[..., Path], waves: list[list[list[list[int]]]], budget_kb: int
+) -> None:
+    """Random trees of chains over a few steps (they share prefixes often), sent in concurrent waves, with
+    budgets small enough to evict at every point: the cached engine's scores equal the uncached one's."""
+    bundle = tiny_bundle("qwen-prm")
+    requests = [
+        [ScoreRequest(PROBLEM, [[STEPS[i] for i in c] for c in cands], search_id=f"s{n % 2}") for n, cands in enumerate(w)]
+        for w in waves
+    ]
+    asyncio.run(_both(bundle, requests, budget_kb << 10))
