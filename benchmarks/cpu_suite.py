@@ -4,6 +4,7 @@
     python -m benchmarks.cpu_suite sharing     # prefix sharing on vs off (beam search, DVTS)
     python -m benchmarks.cpu_suite grpc        # gRPC service vs the engine in-process
     python -m benchmarks.cpu_suite plain       # plain-row graph (GroupQueryAttention) vs tree graph
+    python -m benchmarks.cpu_suite cache       # prefix cache off / within-call sharing only / on
     python -m benchmarks.cpu_suite all
 
 The model is a small Qwen2-shaped PRM with random weights (speed does not depend on what a model learned)
@@ -44,7 +45,8 @@ def build_model() -> tuple[Path, Path]:
     """The benchmark PRM: HF folder (random weights, real tokenizer) and its fp32 bundle, cached."""
     folder, bundle = CACHE / "bench-prm", CACHE / "bench-prm-fp32"
     manifest = bundle / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text())["graph"].get("plain_file"):
+    graph = json.loads(manifest.read_text())["graph"] if manifest.is_file() else {}
+    if graph.get("plain_file") and graph.get("cached_file"):
         return folder, bundle
     tok = SHARED / "tokenizers" / "qwen2.5-math-prm"
     if not (folder / "model.safetensors").is_file() and not tok.is_dir():
@@ -351,9 +353,92 @@ expectation, to be replaced by the GPU script's figure (benchmarks/gpu/NOTES.md)
     write_section("plain", body)
 
 
+CACHE_MB = 1024  # the prefix cache's budget in the cache section: every workload here fits
+
+
+async def measure_cold(system: Any, requests: Sequence[Any], concurrency: int, workload: str) -> Any:
+    """`measure`, with the prefix cache emptied after the warm-up: the measured calls find only what the
+    measured calls before them left."""
+    from stepscore.runtime.bench import closed_loop, summarize, warm_up
+
+    await system.setup()
+    try:
+        await warm_up(system, requests, count=min(4, len(requests)), concurrency=min(concurrency, 4))
+        cache = system.engine.cache
+        if cache is not None:
+            cache.clear()
+        point = await closed_loop(system, requests, concurrency, workload=workload)
+        hits = (cache.stats.hit_tokens, cache.stats.miss_tokens) if cache is not None else None
+    finally:
+        await system.close()
+    s = summarize(point)
+    lat = s.latency_ms or {}
+    log(
+        f"  {system.name:<12} {workload:<13} c={concurrency:<3} {s.tokens_per_s:9,.0f} tok/s  p50 {lat.get('p50', 0):7.1f} ms"
+        f"  p95 {lat.get('p95', 0):7.1f} ms  errors {s.errors}" + (f"  cache hit/miss tokens {hits}" if hits else "")
+    )
+    return s, hits
+
+
+async def cache_section(args: argparse.Namespace) -> None:
+    """The prefix cache on the workloads as search clients send them: off (no reuse at all), within-call
+    sharing only (the default before the cache), and cache on (with sharing)."""
+    from stepscore.runtime.bench import EngineSystem, load_workload
+    from stepscore.runtime.config import EngineConfig
+
+    _, bundle = build_model()
+    concurrency = 16
+    modes = {
+        "off": dict(cache_bytes=0, share_prefixes=False),
+        "sharing": dict(cache_bytes=0),
+        "cache": dict(cache_bytes=CACHE_MB << 20),
+    }
+    limits = {"step-by-step": args.requests * 8, "beam": args.requests * 2, "dvts": args.requests * 2, "bon16": args.requests}
+    rows: list[str] = []
+    verdicts: list[str] = []
+    for name, limit in limits.items():
+        wl = load_workload(name, SHARED / "data", limit=limit)
+        got: dict[str, Any] = {}
+        for mode, extra in modes.items():
+            config = EngineConfig(intra_op_threads=args.threads, **extra)  # type: ignore[arg-type]
+            got[mode] = await measure_cold(EngineSystem(bundle, config=config, name=mode), wl.requests, concurrency, name)
+        base = got["off"][0].tokens_per_s
+        for mode, (s, hits) in got.items():
+            lat = s.latency_ms or {}
+            hit = f"{hits[0] / max(1, hits[0] + hits[1]):.0%}" if hits else "-"
+            rows.append(
+                f"| {name} | {len(wl.requests)} | {mode} | {s.tokens_per_s:,.0f} | {lat.get('p50', 0):.0f} ms | "
+                f"{lat.get('p95', 0):.0f} ms | {hit} | {s.tokens_per_s / base:.2f}x | "
+                f"{s.tokens_per_s / got['sharing'][0].tokens_per_s:.2f}x |"
+            )
+        cache_vs_off = got["cache"][0].tokens_per_s / base
+        cache_vs_sharing = got["cache"][0].tokens_per_s / got["sharing"][0].tokens_per_s
+        verdicts.append(f"{name}: cache on / off {cache_vs_off:.2f}x, cache on / sharing only {cache_vs_sharing:.2f}x")
+    table = "\n".join(rows)
+    body = f"""## Prefix cache: cache off, within-call sharing only, cache on (CPU)
+
+{environment()}. Command: `{cmd_line()}`. Same model as above; the engine in-process at {concurrency} concurrent
+callers; cache budget {CACHE_MB} MiB. Each measurement starts with an empty cache (emptied after the warm-up).
+Workloads (`stepscore.runtime.bench.workloads`): `step-by-step` scores ProcessBench solutions as they are written
+(steps[:1], steps[:2], ...; one candidate per call), `beam` and `dvts` are rebuilt from the search-and-learn
+beam-search traces (16 candidates, whole prefix + new step per call), `bon16` is Best-of-N N = 16 (no reuse across
+calls: the control). Calls carry their search's id, as the bench's clients send it.
+
+| workload | requests | mode | tokens/s | p50 | p95 | tokens from the cache | vs off | vs sharing only |
+|---|---|---|---|---|---|---|---|---|
+{table}
+
+{"; ".join(verdicts)}.
+"off" is cache off and within-call sharing off; "sharing" the engine's default before the cache (shared prefixes
+inside a call computed once); "cache" the prefix cache on top of sharing. tokens/s counts submitted tokens.
+Targets: step-by-step >= 4x vs off; beam >= 2x vs sharing only; Best-of-N >= 0.95x.
+"""
+    write_section("cache", body)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("section", choices=("runtime", "sharing", "grpc", "plain", "all"))
+    p.add_argument("section", choices=("runtime", "sharing", "grpc", "plain", "cache", "all"))
     p.add_argument("--requests", type=int, default=24, help="Best-of-N requests (beam/DVTS: 3x as many iterations)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime / torch threads (0: their default)")
     args = p.parse_args()
@@ -361,7 +446,13 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sections = (("runtime", runtime_section), ("sharing", sharing_section), ("grpc", grpc_section), ("plain", plain_section))
+    sections = (
+        ("runtime", runtime_section),
+        ("sharing", sharing_section),
+        ("grpc", grpc_section),
+        ("plain", plain_section),
+        ("cache", cache_section),
+    )
     for name, fn in sections:
         if args.section in (name, "all"):
             asyncio.run(fn(args))

@@ -108,7 +108,7 @@ def test_end_search_frees_what_only_that_search_used() -> None:
     compute(cache, chain([[9, 9]]))  # anonymous
     freed = cache.end_search("a")
     assert freed == 2 * BYTES_PER_TOKEN  # only [5, 6]: the shared steps are b's too
-    m = cache.match(chain([*shared, [7, 8]]))
+    m = cache.match(chain([*shared, [7, 8]]), "b")
     assert m.complete
     cache.release(m.node)
     assert cache.end_search("b") == 6 * BYTES_PER_TOKEN

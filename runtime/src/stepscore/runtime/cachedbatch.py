@@ -45,19 +45,23 @@ def pack_cached(
     length; at least one group is kept) are left over."""
     if not items:
         raise ValueError("pack_cached() needs at least one item")
-    tree_only = replace(options, plain_cost=None, run_overhead=None)
+    tree_only = replace(options, plain_cost=None)  # the cached graph is a tree graph
     groups: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(id(item.past), []).append(i)
     subs: list[tuple[list[int], PackedBatch]] = []
     rows = seq = 0
     leftover: list[int] = []
-    for members in groups.values():
-        sub = pack([items[i] for i in members], tree_only, None, pad_id)
+    for group in groups.values():
+        sub = pack([items[i] for i in group], tree_only, None, pad_id)
+        # a group of mixed lengths may run one length class now (PackOptions.run_overhead): the rest waits
+        leftover.extend(group[j] for j in sub.leftover)
+        left = set(sub.leftover)
+        members = [i if j not in left else -1 for j, i in enumerate(group)]
         b, s = sub.shape
         longer = max(seq, s)
         if subs and max_tokens is not None and (rows + b) * longer > max_tokens:
-            leftover.extend(members)
+            leftover.extend(i for i in members if i >= 0)
             continue
         subs.append((members, sub))
         rows, seq = rows + b, longer
@@ -74,7 +78,7 @@ def pack_cached(
     for members, sub in subs:
         b, s = sub.shape
         kk = sub.step_positions.shape[1]
-        start = items[members[0]].start
+        start = items[group_start(members)].start
         rs = slice(r0, r0 + b)
         input_ids[rs, :s] = sub.input_ids
         position_ids[rs, :s] = sub.position_ids + start
@@ -83,11 +87,13 @@ def pack_cached(
         past_len[rs] = start
         assert sub.item_tokens is not None
         for j, i in enumerate(members):
+            if i < 0:
+                continue
             reads = sub.item_reads[j]
             item_reads[i] = ((r0 + reads // kk) * k + reads % kk).astype(np.intp)
             toks = sub.item_tokens[j]
             item_tokens[i] = ((r0 + toks // s) * seq + toks % s).astype(np.intp)
-        past = items[members[0]].past
+        past = items[group_start(members)].past
         pasts.append((rs, cache.past(past) if past is not None else None))
         r0 += b
     past_kv = _stack_pasts(pasts, rows)
@@ -106,6 +112,11 @@ def pack_cached(
         past_len=past_len,
         past_kv=past_kv,
     )
+
+
+def group_start(members: Sequence[int]) -> int:
+    """The first item of a group that runs now (-1 marks an item left over)."""
+    return next(i for i in members if i >= 0)
 
 
 def _stack_pasts(pasts: Sequence[tuple[slice, KvArray | None]], rows: int) -> KvArray | None:

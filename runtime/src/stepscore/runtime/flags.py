@@ -229,7 +229,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         measure_cost=not args.no_cost_model,
         limits=request_limits(args),
         text_cache_bytes=args.text_cache_mb << 20,
-        cache_bytes=args.cache_mb << 20 if args.cache_mb >= 0 else -1,
+        cache_bytes=-1 if args.cache_mb == -1 else args.cache_mb << 20,  # any other negative: refused by the config
     )
 
 

@@ -16,8 +16,9 @@ per preset with the real tokenizers, that a chain's boundaries survive the next 
 Lifetimes. `match` locks the deepest matched node (its ancestors are inner nodes, never evicted before it)
 until `release`; a batch computing a suffix therefore never loses its past. Eviction takes unlocked leaves,
 least recently used first, nodes of no live search before those of a live one. `end_search` frees the
-nodes only that search used. Bytes are accounted exactly (the K/V arrays) and never exceed the budget: a
-segment that cannot be made room for is not cached.
+nodes only that search used (not those another search or a call without a search id used too). Bytes are
+accounted exactly (the K/V arrays) and never exceed the budget: a segment that cannot be made room for is not
+cached.
 
 One lock guards the tree: matches and inserts come from the event loop, past assembly from the packing
 thread.
@@ -49,7 +50,8 @@ class Node:
     score: float = 0.0
     children: dict[bytes, Node] = field(default_factory=dict)
     refs: int = 0
-    searches: set[str] = field(default_factory=set)
+    searches: set[str] = field(default_factory=set)  # the live searches that used it
+    anonymous: bool = False  # a call without a search id used it: no end_search frees it
 
     @property
     def end(self) -> int:
@@ -177,9 +179,18 @@ class PrefixCache:
                 node.searches.discard(search_id)
             # deepest first, so that a parent left childless by its children's removal can go too
             for node in sorted(nodes, key=lambda n: -n.end):
-                if not node.searches and not node.children and node.refs == 0 and node.kv is not None:
+                if not (node.searches or node.anonymous or node.children or node.refs) and node.kv is not None:
                     freed += self._remove(node)
                     self.stats.freed_by_end_search += 1
+        return freed
+
+    def clear(self) -> int:
+        """Drop every entry no batch holds (benchmarks start each measurement cold). Returns bytes freed."""
+        freed = 0
+        with self._lock:
+            for node in sorted(self._lru, key=lambda n: -n.end):  # children before their parents
+                if not node.children and node.refs == 0:
+                    freed += self._remove(node)
         return freed
 
     def live_searches(self) -> int:
@@ -194,6 +205,8 @@ class PrefixCache:
         if search_id:
             node.searches.add(search_id)
             self._by_search.setdefault(search_id, set()).add(node)
+        else:
+            node.anonymous = True
 
     def _make_room(self, nbytes: int, keep: Node) -> bool:
         """Evict unlocked leaves (anonymous before live searches', least recently used first) until `nbytes`

@@ -81,11 +81,14 @@ async def closed_loop(
     *,
     count: int | None = None,
     workload: str = "",
+    searches_in_order: bool = True,
 ) -> PointResult:
     """`concurrency` callers, each sending its next request as soon as its previous one is answered.
 
     Sends `count` requests (default: each request once), cycling through `requests` in order; returns
-    one record per request sent, in the order they were sent.
+    one record per request sent, in the order they were sent. With `searches_in_order`, a request whose
+    search (its `search_id`) has a call unanswered waits for that answer first, as a search client does:
+    a beam search sends iteration t + 1 only once iteration t is scored.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -96,12 +99,24 @@ async def closed_loop(
     next_index = 0
     origin = time.perf_counter()
 
+    busy: dict[str, asyncio.Event] = {}  # searches with a call unanswered
+
     async def caller() -> None:
         nonlocal next_index
         while next_index < total:
             k = next_index
             next_index += 1  # no await between the check and the claim: one event loop, no race
-            records[k] = await _one(system, requests[k % len(requests)], k % len(requests), time.perf_counter(), origin)
+            request = requests[k % len(requests)]
+            search = request.search_id if searches_in_order else ""
+            while search in busy:  # waiters wake in the order they claimed: the search's calls stay in order
+                await busy[search].wait()
+            if search:
+                busy[search] = asyncio.Event()
+            try:
+                records[k] = await _one(system, request, k % len(requests), time.perf_counter(), origin)
+            finally:
+                if search:
+                    busy.pop(search).set()
 
     before = await system.counters()
     origin = time.perf_counter()  # after the scrape: the point's clock starts with its first request

@@ -37,7 +37,7 @@ class Summary:
     candidates_per_s: float
     steps_per_s: float
     tokens_per_s: float
-    latency_ms: dict[str, float] | None  # p50, p90, p99, mean; None when nothing succeeded
+    latency_ms: dict[str, float] | None  # p50, p90, p95, p99, mean; None when nothing succeeded
     queue_ms: dict[str, float] | None  # p50, p99 of the system's own queue time
     batches: int | None
     batch_fill: float | None
@@ -87,7 +87,7 @@ def summarize(point: PointResult) -> Summary:
         candidates_per_s=sum(r.candidates for r in ok) / wall,
         steps_per_s=sum(r.steps for r in ok) / wall,
         tokens_per_s=sum(r.tokens for r in ok) / wall,
-        latency_ms=_percentiles([r.latency_s * 1000.0 for r in ok], (50, 90, 99)) if ok else None,
+        latency_ms=_percentiles([r.latency_s * 1000.0 for r in ok], (50, 90, 95, 99)) if ok else None,
         queue_ms=_percentiles(queue, (50, 99)) if queue else None,
         batches=batches,
         batch_fill=fill,

@@ -29,6 +29,7 @@ step as the reference code does).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,8 @@ WORKLOADS: dict[str, str] = {
     "beam": "beam search (16 candidates, beam width 4): one request per problem and iteration, whole prefix + new step",
     "dvts": "DVTS (16 candidates in 4 independent subtrees of width 4): one request per problem and iteration",
     "processbench": "ProcessBench: one request per solution (one candidate), four subsets interleaved",
+    "step-by-step": "ProcessBench solutions scored as they are written: steps[:1], steps[:2], ... (one candidate per "
+    "call, one search per solution), solutions interleaved",
     "synthetic": "random words, Best-of-N N = 16, step counts and step lengths drawn like the Best-of-N traces",
     "synthetic-beam": "random words, a simulated beam search (16 candidates, width 4), lengths like the beam traces",
     "arith": "the embedded model's arithmetic: Best-of-N, N = 8 chains sampled from its policy per problem",
@@ -172,7 +175,7 @@ def load_workload(
         rebuild = beam_search_iterations if name == "beam" else dvts_iterations
         raw = rebuild(records, rng, limit=limit)
         source = _describe(paths)
-    else:  # processbench
+    else:  # processbench, step-by-step
         folder = data / "processbench"
         paths = sorted(folder.glob("*.json.gz"))
         if not paths:
@@ -181,7 +184,10 @@ def load_workload(
         for path in paths:
             with gzip.open(path, "rt", encoding="utf-8") as fh:
                 subsets.append(json.load(fh))
-        raw = list(_take(processbench(_interleave(subsets)), limit))
+        if name == "processbench":
+            raw = list(_take(processbench(_interleave(subsets)), limit))
+        else:
+            raw = step_by_step(processbench(_interleave(subsets)), limit)
         source = _describe(paths)
     requests = [
         ScoreRequest(
@@ -190,6 +196,7 @@ def load_workload(
             aggregates=tuple(aggregates),
             truncate_left=truncate_left,
             request_id=f"{name}-{i}",
+            search_id=search_id(name, problem, candidates),
         )
         for i, (problem, candidates) in enumerate(raw)
     ]
@@ -253,6 +260,33 @@ def processbench(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, list[
         steps = [s for s in record["steps"] if s.strip()]
         if steps:
             yield record["problem"], [steps]
+
+
+def step_by_step(solutions: Iterable[tuple[str, list[list[str]]]], limit: int | None) -> list[tuple[str, list[list[str]]]]:
+    """Each solution scored as a step-level verifier scores it while it is generated: steps[:1], then
+    steps[:2], ..., one call each. Solutions are interleaved call by call (a client verifying many
+    generations at once); `limit` keeps whole solutions while their calls fit (at least one)."""
+    per_solution: list[tuple[str, list[list[list[str]]]]] = []
+    total = 0
+    for problem, (steps,) in solutions:
+        calls = [[steps[:k]] for k in range(1, len(steps) + 1)]
+        if limit is not None and per_solution and total + len(calls) > limit:
+            break
+        per_solution.append((problem, calls))
+        total += len(calls)
+    return _iteration_major(per_solution)
+
+
+def search_id(workload: str, problem: str, candidates: Sequence[Sequence[str] | TokenIds]) -> str:
+    """The search a rebuilt call belongs to: its problem in beam search and DVTS (one search per problem), its
+    solution's first step too in step-by-step (one search per solution); "" for the other workloads."""
+    if workload in ("beam", "dvts"):
+        key = problem
+    elif workload == "step-by-step" and candidates and not isinstance(candidates[0], TokenIds):
+        key = problem + "\x00" + candidates[0][0]
+    else:
+        return ""
+    return f"{workload}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _problems_and_pool(records: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, list[list[str]]]], dict[int, list[str]]]:
