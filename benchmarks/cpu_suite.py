@@ -1,6 +1,6 @@
 """CPU benchmarks of the runtime, on the real search traces, written into benchmarks/RESULTS.md.
 
-    python -m benchmarks.cpu_suite runtime     # engine vs one-request-at-a-time ORT vs PyTorch eager (Best-of-N)
+    python -m benchmarks.cpu_suite runtime     # engine (c = 1..64, cost model on/off) vs ORT one at a time vs eager
     python -m benchmarks.cpu_suite sharing     # prefix sharing on vs off (beam search, DVTS)
     python -m benchmarks.cpu_suite grpc        # gRPC service vs the engine in-process
     python -m benchmarks.cpu_suite plain       # plain-row graph (GroupQueryAttention) vs tree graph
@@ -9,7 +9,8 @@
 
 The model is a small Qwen2-shaped PRM with random weights (speed does not depend on what a model learned)
 and the real Qwen2.5-Math-PRM tokenizer from ../shared/tokenizers, exported to fp32 (faster than fp16 on a
-CPU) into benchmarks/.cache/. Traces are read from ../shared/data. Each section replaces its block in
+CPU) into benchmarks/.cache/. Traces are read from ../shared/data ($STEPSCORE_SHARED names another shared
+folder). Each section replaces its block in
 RESULTS.md, with the hardware, the commit and the exact command.
 """
 
@@ -17,20 +18,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
 import platform
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SHARED = ROOT.parent / "shared"
+# the shared data and tokenizers: $STEPSCORE_SHARED, else ../shared beside the repository
+SHARED = Path(os.environ.get("STEPSCORE_SHARED") or ROOT.parent / "shared")
 
 # 8 layers, hidden 384: a 71M-parameter PRM (58M of it the 151k-token embedding table, 13M the body).
 SHAPE = dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
@@ -117,15 +122,6 @@ async def measure(system: Any, requests: Sequence[Any], concurrency: int, worklo
     return s
 
 
-def _row(label: str, s: Any, a: Any, b: Any, bold: bool = False) -> str:
-    mark = "**" if bold else ""
-    return (
-        f"| {label} | {s.tokens_per_s:,.0f} | {s.requests_per_s:.2f} | {s.latency_ms['p50']:.0f} ms | "
-        f"{s.padding_fraction:.1%} | {mark}{s.tokens_per_s / a.tokens_per_s:.2f}x{mark} | "
-        f"{mark}{s.tokens_per_s / b.tokens_per_s:.2f}x{mark} |"
-    )
-
-
 def cmd_line() -> str:
     return "python -m benchmarks.cpu_suite " + " ".join(sys.argv[1:])
 
@@ -133,33 +129,171 @@ def cmd_line() -> str:
 # --- sections --------------------------------------------------------------------------------------
 
 
+CONCURRENCY = (1, 4, 16, 64)
+# N = 16 requests per point in the runtime section (N = 3: 8x as many, and every point at least one per
+# caller); on 2 idle cores the whole section takes about 20 minutes, most of it the N = 16 engine at c = 64
+# (64 requests of ~10,000 tokens, twice: with and without the cost model)
+RUNTIME_REQUESTS = 8
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One closed-loop point: its summary and its 95th latency percentile (ms)."""
+
+    summary: Any  # stepscore.runtime.bench.Summary
+    p95_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(self.summary.tokens_per_s)
+
+
+async def measure_sweep(
+    system: Any, requests: Sequence[Any], points: Sequence[tuple[int, int]], workload: str
+) -> list[Measured]:
+    """One system set up once, warmed up by a few unmeasured requests, then a closed loop per (concurrency,
+    number of requests) point, in order."""
+    import numpy as np
+
+    from stepscore.runtime.bench import closed_loop, summarize, warm_up
+
+    await system.setup()
+    out = []
+    try:
+        first = points[0]
+        await warm_up(system, requests, count=min(2, len(requests), first[1]), concurrency=min(first[0], 2))
+        for concurrency, count in points:
+            point = await closed_loop(system, requests, concurrency, count=count, workload=workload)
+            s = summarize(point)
+            ok = [r.latency_s * 1000.0 for r in point.records if r.ok]
+            p95 = float(np.percentile(ok, 95)) if ok else float("nan")
+            p50 = (s.latency_ms or {}).get("p50", float("nan"))
+            pad = s.padding_fraction if s.padding_fraction is not None else float("nan")
+            log(
+                f"  {s.system:<18} c={concurrency:<3} n={count:<4} {s.tokens_per_s:9,.0f} tok/s  "
+                f"{s.requests_per_s:7.2f} req/s  p50 {p50:8.1f} ms  p95 {p95:8.1f} ms  padding {pad:.3f}  "
+                f"wall {s.wall_s:6.1f} s  errors {s.errors}"
+            )
+            if s.errors:
+                log(f"    first error: {s.first_error}")
+            out.append(Measured(s, p95))
+    finally:
+        await system.close()
+    return out
+
+
+def _runtime_row(label: str, m: Measured, a: Measured, b: Measured, bold: bool = False) -> str:
+    s, mark = m.summary, "**" if bold else ""
+    p50 = (s.latency_ms or {}).get("p50", float("nan"))
+    pad = f"{s.padding_fraction:.1%}" if s.padding_fraction is not None else "n/a"
+    return (
+        f"| {label} | {s.tokens_per_s:,.0f} | {p50:,.0f} ms | {m.p95_ms:,.0f} ms | {pad} | "
+        f"{mark}{m.tokens_per_s / a.tokens_per_s:.2f}x{mark} | {mark}{m.tokens_per_s / b.tokens_per_s:.2f}x{mark} |"
+    )
+
+
+def _verdict(cost: str, engine: Sequence[tuple[int, Measured]], a: Measured, b: Measured) -> str:
+    """Whether tokens/s never drops as concurrency grows, and the lowest ratios to the baselines."""
+    drops = [
+        f"c={c0} {m0.tokens_per_s:,.0f} -> c={c1} {m1.tokens_per_s:,.0f}"
+        for (c0, m0), (c1, m1) in itertools.pairwise(engine)
+        if m1.tokens_per_s < m0.tokens_per_s
+    ]
+    ra = min(m.tokens_per_s / a.tokens_per_s for _, m in engine)
+    rb = min(m.tokens_per_s / b.tokens_per_s for _, m in engine)
+    return (
+        f"- engine, {cost}: tokens/s non-decreasing with concurrency: "
+        f"{'yes' if not drops else 'no (' + '; '.join(drops) + ')'}; lowest ratio over concurrencies "
+        f"{ra:.2f}x vs (a) ({'meets' if ra >= 1.6 else 'misses'} 1.6x), {rb:.2f}x vs (b) "
+        f"({'meets' if rb >= 2.0 else 'misses'} 2x)"
+    )
+
+
 async def runtime_section(args: argparse.Namespace) -> None:
-    """(a) one request at a time through onnxruntime, (b) PyTorch eager padded batches of 8, (c) the
-    engine at concurrency 64, on the Best-of-N N=16 traces."""
+    """Best-of-N N = 3 (ProcessBench solutions) and N = 16 (search-and-learn traces): (a) one request at a
+    time through onnxruntime, (b) PyTorch eager padded batches of 8, and the engine at concurrency 1, 4, 16
+    and 64, with the start-up cost model and without."""
     from stepscore.runtime.bench import EngineSystem, HfEagerSystem, NaiveOrtSystem, load_workload
+    from stepscore.runtime.bench.workloads import processbench_best_of_n_workload
+    from stepscore.runtime.bundle import load_bundle
     from stepscore.runtime.config import EngineConfig
+    from stepscore.runtime.formatting import Formatter
 
     folder, bundle = build_model()
-    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
-    log(f"runtime: {len(wl.requests)} Best-of-N requests ({sum(len(r.candidates) for r in wl.requests)} candidates)")
-    a = await measure(NaiveOrtSystem(bundle, threads=args.threads), wl.requests, 1, wl.name)
-    b = await measure(HfEagerSystem(folder, bundle, batch_size=8, dtype="fp32", threads=args.threads), wl.requests, 1, wl.name)
-    c = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, 64, wl.name)
+    loaded = load_bundle(bundle)
+    m = loaded.manifest
+    formatter = Formatter(m.format, loaded.tokenizer_path, m.model.vocab_size, m.model.max_seq_len)
+    # requests per point: `base` for the baselines and the engine, at least one per caller (c = 64 sends
+    # 64 requests at once). An N = 3 request is ~8x smaller than an N = 16 one (~1,200 vs ~10,000 tokens):
+    # 8x as many.
+    runs = []
+    for n, scale in ((3, 8), (16, 1)):
+        base = (args.requests or RUNTIME_REQUESTS) * scale
+        counts = {c: max(base, c) for c in args.concurrency}
+        if n == 3:
+            wl = processbench_best_of_n_workload(SHARED / "data", formatter, limit=max(counts.values()))
+        else:
+            wl = load_workload("bon16", SHARED / "data", limit=max(counts.values()))
+        log(
+            f"runtime: Best-of-N N={n}, {len(wl.requests)} requests "
+            f"({sum(len(r.candidates) for r in wl.requests)} candidates), requests per point {counts}"
+        )
+        (a,) = await measure_sweep(NaiveOrtSystem(bundle, threads=args.threads), wl.requests, [(1, base)], wl.name)
+        hf = HfEagerSystem(folder, bundle, batch_size=8, dtype="fp32", threads=args.threads)
+        (b,) = await measure_sweep(hf, wl.requests, [(1, base)], wl.name)
+        engine = {}
+        for cost in (True, False):
+            config = EngineConfig(intra_op_threads=args.threads, measure_cost=cost)
+            name = "engine" if cost else "engine-nocost"
+            points = [(c, counts[c]) for c in args.concurrency]
+            engine[cost] = list(
+                zip(
+                    args.concurrency,
+                    await measure_sweep(EngineSystem(bundle, config=config, name=name), wl.requests, points, wl.name),
+                    strict=True,
+                )
+            )
+        runs.append((n, wl, base, counts, a, b, engine))
+
+    tables = []
+    for n, wl, base, counts, a, b, engine in runs:
+        what = (
+            f"{n} unrelated ProcessBench solutions of 300-600 formatted tokens each, as token ids"
+            if n == 3
+            else f"{n} completions of one MATH problem (search-and-learn traces)"
+        )
+        rows = [
+            _runtime_row("(a) onnxruntime, one request at a time, padded", a, a, b),
+            _runtime_row("(b) PyTorch eager, padded batches of 8", b, a, b),
+        ]
+        for cost, label in ((True, "cost model"), (False, "no cost model")):
+            rows += [_runtime_row(f"engine, c={c}, {label}", mm, a, b, bold=True) for c, mm in engine[cost]]
+        tables.append(f"""### Best-of-N, N = {n}
+
+{len(wl.requests)} requests of {what} (`{wl.source}`); requests per point: {base} for the baselines
+(one caller), {", ".join(f"{counts[c]} for the engine at c={c}" for c in args.concurrency)}.
+
+| system | tokens/s | p50 latency | p95 latency | padding | vs (a) | vs (b) |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{_verdict("cost model", engine[True], a, b)}
+{_verdict("no cost model", engine[False], a, b)}
+""")
     body = f"""## Runtime: engine vs one request at a time vs PyTorch eager (CPU)
 
 {environment()}. Command: `{cmd_line()}`.
 Model: Qwen2-shaped PRM, random weights, {SHAPE["num_hidden_layers"]} layers x hidden {SHAPE["hidden_size"]}
-(13M body + 58M embedding parameters), real Qwen2.5-Math-PRM tokenizer, fp32. Workload: {len(wl.requests)} Best-of-N
-requests (N = 16 completions of one MATH problem each) from the search-and-learn traces (`{wl.source}`).
+(13M body + 58M embedding parameters), real Qwen2.5-Math-PRM tokenizer, fp32. Baselines: (a) the same ONNX
+graph through onnxruntime, one request at a time, its candidates padded into one batch; (b) PyTorch eager,
+padded batches of 8 (search-and-learn's PRM wrappers). Both take one request at a time, so they run with one
+caller. The engine runs in-process with `concurrency` closed-loop callers, with the cost model measured at
+start-up (the default) and without it (`measure_cost=False`, `--no-cost-model`: the default ratios).
 
-| system | tokens/s | requests/s | p50 latency | padding | vs (a) | vs (b) |
-|---|---|---|---|---|---|---|
-{_row("(a) onnxruntime, one request at a time, padded", a, a, b)}
-{_row("(b) PyTorch eager, padded batches of 8", b, a, b)}
-{_row("(c) stepscore engine, 64 concurrent callers", c, a, b, bold=True)}
-
-tokens/s counts the candidates' formatted tokens (what a client submits), the same for every system.
-Targets: (c) >= 1.5x (a) and >= 2x (b).
+{chr(10).join(tables)}
+tokens/s counts the candidates' formatted tokens (what a client submits), the same for every system;
+latency is per request, queueing included (with c callers, about c requests are in flight). Targets: the
+engine >= 1.6x (a) and >= 2x (b) at every concurrency, for both N; tokens/s non-decreasing with concurrency.
 """
     write_section("runtime", body)
 
@@ -171,7 +305,7 @@ async def sharing_section(args: argparse.Namespace) -> None:
     _, bundle = build_model()
     rows = []
     for name in ("beam", "dvts"):
-        wl = load_workload(name, SHARED / "data", limit=args.requests * 3)
+        wl = load_workload(name, SHARED / "data", limit=(args.requests or 24) * 3)
         log(f"sharing: {name}, {len(wl.requests)} requests")
         on = await measure(EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads)), wl.requests, 16, name)
         off = await measure(
@@ -242,7 +376,7 @@ async def grpc_section(args: argparse.Namespace) -> None:
     _, bundle = build_model()
     serve_args = ["--threads", str(args.threads)] if args.threads else []
     config = EngineConfig(intra_op_threads=args.threads)
-    wl = load_workload("processbench", SHARED / "data", limit=args.requests * 4)
+    wl = load_workload("processbench", SHARED / "data", limit=(args.requests or 24) * 4)
     log(f"grpc: processbench, {len(wl.requests)} requests, concurrency 1, paired")
     le, ls, tokens = await paired_latency(
         EngineSystem(bundle, config=config), ServiceSystem.spawn(bundle, serve_args), wl.requests
@@ -255,7 +389,7 @@ async def grpc_section(args: argparse.Namespace) -> None:
         f"{1 - sum(le) / sum(ls):+.1%} | {p50e * 1e3:.1f} ms | {p50s * 1e3:.1f} ms | {(p50s - p50e) * 1e3:+.1f} ms "
         f"(paired: {paired * 1e3:+.1f} ms) |"
     ]
-    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
+    wl = load_workload("bon16", SHARED / "data", limit=(args.requests or 24))
     log(f"grpc: bon16, {len(wl.requests)} requests, concurrency 64")
     e = await measure(EngineSystem(bundle, config=config), wl.requests, 64, "bon16")
     s = await measure(ServiceSystem.spawn(bundle, serve_args), wl.requests, 64, "bon16")
@@ -315,7 +449,7 @@ async def plain_section(args: argparse.Namespace) -> None:
         diff = float(np.abs(backend.run(tree) - backend.run(plain)).max())
         graph_rows.append((b, s, times["tree"], times["plain"], diff))
         log(f"plain: {b}x{s} tree {times['tree'] * 1e3:.0f} ms, plain {times['plain'] * 1e3:.0f} ms, |d| {diff:.1e}")
-    wl = load_workload("bon16", SHARED / "data", limit=args.requests)
+    wl = load_workload("bon16", SHARED / "data", limit=(args.requests or 24))
     engine_rows = []
     for mode in ("never", "auto", "always"):
         config = EngineConfig(intra_op_threads=args.threads, plain_rows=mode)
@@ -393,7 +527,8 @@ async def cache_section(args: argparse.Namespace) -> None:
         "sharing": dict(cache_bytes=0),
         "cache": dict(cache_bytes=CACHE_MB << 20),
     }
-    limits = {"step-by-step": args.requests * 8, "beam": args.requests * 2, "dvts": args.requests * 2, "bon16": args.requests}
+    n = args.requests or 24
+    limits = {"step-by-step": n * 8, "beam": n * 2, "dvts": n * 2, "bon16": n}
     rows: list[str] = []
     verdicts: list[str] = []
     for name, limit in limits.items():
@@ -439,7 +574,19 @@ Targets: step-by-step >= 4x vs off; beam >= 2x vs sharing only; Best-of-N >= 0.9
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("section", choices=("runtime", "sharing", "grpc", "plain", "cache", "all"))
-    p.add_argument("--requests", type=int, default=24, help="Best-of-N requests (beam/DVTS: 3x as many iterations)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help=f"Best-of-N requests (default 24; runtime: N = 16 requests per point, default {RUNTIME_REQUESTS}, "
+        "at least one per caller, 8x as many for N = 3; beam/DVTS: 3x as many iterations)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=lambda text: sorted({int(c) for c in text.split(",")}),
+        default=list(CONCURRENCY),
+        help="runtime: the engine's concurrencies, comma-separated (default 1,4,16,64; fewer for a smoke run)",
+    )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime / torch threads (0: their default)")
     args = p.parse_args()
     if args.threads:

@@ -17,8 +17,10 @@ from stepscore.runtime.bench.workloads import (
     LogNormal,
     default_data_dir,
     load_workload,
+    processbench_best_of_n_workload,
     split_steps,
 )
+from stepscore.runtime.bench.workloads import _take_groups as take_groups
 from stepscore.runtime.default_model.arith import Problem, verify
 from stepscore.runtime.types import ScoreRequest, TokenIds
 
@@ -187,3 +189,37 @@ def test_beam_reconstruction(shared_data: Path) -> None:
     assert checked > 20 and shared > checked // 2
     # iteration-major: the first requests are the first iterations of different problems
     assert all(len(c) == 1 for r in w.requests[:4] for c in _steps(r)) and len({r.problem for r in w.requests[:4]}) > 1
+
+
+def test_best_of_n_groups_never_repeat_a_problem() -> None:
+    items = [(p, TokenIds([i], [0])) for i, p in enumerate("aabcbcdd")]
+    groups = list(take_groups(items, 3, None))
+    assert [[p for p, _ in g] for g in groups] == [["a", "b", "c"], ["a", "b", "c"]]  # the d's wait, unmatched
+    assert [[t.ids[0] for _, t in g] for g in groups] == [[0, 2, 3], [1, 4, 5]]
+    assert len(list(take_groups(items, 3, 1))) == 1
+
+
+def test_processbench_best_of_n_three_unrelated_solutions_in_range(shared_data: Path) -> None:
+    # the embedded model's formatter (512-token context): lengths are counted in the given bundle's tokens
+    from stepscore.runtime.bundle import load_bundle
+    from stepscore.runtime.default_model import default_bundle
+    from stepscore.runtime.formatting import Formatter
+
+    bundle = load_bundle(default_bundle())
+    m = bundle.manifest
+    formatter = Formatter(m.format, bundle.tokenizer_path, m.model.vocab_size, m.model.max_seq_len)
+    w = processbench_best_of_n_workload(shared_data, formatter, limit=6, min_tokens=200, max_tokens=400)
+    assert len(w.requests) == 6 and w.name == "pb-bon3"
+    for r in w.requests:
+        assert len(r.candidates) == 3 and r.aggregates == ("min",)
+        for cand in r.candidates:
+            assert isinstance(cand, TokenIds) and 200 <= len(cand.ids) <= 400
+            # the ids are what the formatter makes of one solution: the engine takes them unchanged
+            (item,) = formatter.format_request(ScoreRequest(problem="", candidates=[cand]))
+            assert item.ids.tolist() == list(cand.ids) and item.reads.tolist() == list(cand.step_positions)
+    again = processbench_best_of_n_workload(shared_data, formatter, limit=6, min_tokens=200, max_tokens=400)
+    assert [[list(c.ids) for c in r.candidates if isinstance(c, TokenIds)] for r in again.requests] == [
+        [list(c.ids) for c in r.candidates if isinstance(c, TokenIds)] for r in w.requests
+    ]
+    with pytest.raises(ConfigError, match="token range"):
+        processbench_best_of_n_workload(shared_data, formatter, min_tokens=600, max_tokens=300)

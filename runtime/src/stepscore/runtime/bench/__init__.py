@@ -31,7 +31,7 @@ from stepscore.runtime.bench.systems import (
     ServiceSystem,
     System,
 )
-from stepscore.runtime.bench.workloads import WORKLOADS, Workload, load_workload
+from stepscore.runtime.bench.workloads import WORKLOADS, Workload, load_workload, processbench_best_of_n_workload
 
 __all__ = [
     "WORKLOADS",
@@ -52,6 +52,7 @@ __all__ = [
     "markdown_table",
     "open_loop",
     "poisson_arrivals",
+    "processbench_best_of_n_workload",
     "summarize",
     "sweep",
     "warm_up",

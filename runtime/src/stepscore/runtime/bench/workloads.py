@@ -12,10 +12,14 @@ real client.
 | beam           | search_traces_sal/*beam_search_N16*.jsonl.gz      | one beam-search iteration of one problem        |
 | dvts           | search_traces_sal/*beam_search_N16*.jsonl.gz      | one DVTS iteration of one problem               |
 | processbench   | processbench/*.json.gz                            | one solution (one candidate)                    |
+| pb-bon3 (1)    | processbench/*.json.gz                            | 3 unrelated solutions, 300-600 tokens, as ids   |
 | synthetic      | generated (Best-of-N length distributions)        | one problem with 16 random-word completions     |
 | synthetic-beam | generated (beam-search length distributions)      | one iteration of a simulated beam search        |
 | arith          | the embedded model's arithmetic policy            | one problem with 8 sampled chains (Best-of-N)   |
 | arith-beam     | the embedded model's arithmetic policy            | one beam-search iteration (16 = 4 beams x 4)    |
+
+(1) Not in WORKLOADS: its lengths are counted in a bundle's own formatted tokens, so it is built with that
+bundle's formatter by `processbench_best_of_n_workload`, not by `load_workload`.
 
 The arith workloads are the embedded default model's own traffic: problems and chains in the one format it
 was trained on (stepscore.runtime.default_model.arith), each short enough for its 512-token context, so
@@ -37,12 +41,15 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stepscore.errors import ConfigError
 from stepscore.runtime.types import ScoreRequest, TokenIds
+
+if TYPE_CHECKING:
+    from stepscore.runtime.formatting import Formatter
 
 STEP_SPLIT = "\n\n"  # search-and-learn's step delimiter (data README)
 
@@ -287,6 +294,92 @@ def search_id(workload: str, problem: str, candidates: Sequence[Sequence[str] | 
     else:
         return ""
     return f"{workload}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+PB_BON_N = 3  # solutions per ProcessBench Best-of-N request
+PB_BON_TOKENS = (300, 600)  # formatted length (tokens, template included) a solution must have, both ends kept
+
+
+def processbench_best_of_n_workload(
+    data_dir: str | os.PathLike[str],
+    formatter: Formatter,
+    limit: int | None = None,
+    *,
+    n: int = PB_BON_N,
+    min_tokens: int = PB_BON_TOKENS[0],
+    max_tokens: int = PB_BON_TOKENS[1],
+    aggregates: Sequence[str] = ("min",),
+    name: str = "pb-bon3",
+) -> Workload:
+    """Best-of-N requests of `n` unrelated ProcessBench solutions each, given as token ids.
+
+    Every solution is formatted alone (its own problem, its steps, the bundle's template) by `formatter`,
+    the bundle's own formatter; those of `min_tokens` to `max_tokens` tokens are kept, in the order of the
+    four subsets interleaved (the files sorted by name, then record order: deterministic, no sampling), and
+    grouped `n` at a time, no two with the same problem in one request. A request's candidates thus share
+    nothing but the template, and have lengths that stay within a 2x band: the traffic of a Best-of-N client
+    scoring short batches of mixed problems. `limit` caps the number of requests; a last incomplete group is
+    dropped. Candidates are `TokenIds` (`ScoreRequest.problem` is empty): every system computes the same
+    tokens and none of them tokenizes.
+    """
+    if n < 1:
+        raise ConfigError(f"n must be at least 1, got {n}")
+    if not 0 < min_tokens <= max_tokens:
+        raise ConfigError(f"the token range must satisfy 0 < min <= max, got {min_tokens}..{max_tokens}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"the request limit must be at least 1, got {limit}")
+    folder = Path(data_dir) / "processbench"
+    paths = sorted(folder.glob("*.json.gz"))
+    if not paths:
+        raise ConfigError(f"no ProcessBench files (*.json.gz) in {folder}")
+    subsets = []
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            subsets.append(json.load(fh))
+    groups = list(
+        _take_groups(_sized_solutions(processbench(_interleave(subsets)), formatter, min_tokens, max_tokens), n, limit)
+    )
+    requests = [
+        ScoreRequest(problem="", candidates=[ids for _, ids in group], aggregates=tuple(aggregates), request_id=f"{name}-{i}")
+        for i, group in enumerate(groups)
+    ]
+    if not requests:
+        raise ConfigError(f"no {n} ProcessBench solutions of {min_tokens}-{max_tokens} tokens in {folder}")
+    description = (
+        f"Best-of-N, N = {n}: {n} unrelated ProcessBench solutions of {min_tokens}-{max_tokens} formatted tokens "
+        "per request, as token ids"
+    )
+    return Workload(name, description, requests, _describe(paths))
+
+
+def _sized_solutions(
+    solutions: Iterable[tuple[str, list[list[str]]]], formatter: Formatter, min_tokens: int, max_tokens: int
+) -> Iterator[tuple[str, TokenIds]]:
+    """Each solution formatted alone, as (problem, token ids), when its length is within the range."""
+    for problem, candidates in solutions:
+        # left truncation: a solution past the model's context comes back cut (and is skipped), not refused
+        (item,) = formatter.format_request(ScoreRequest(problem=problem, candidates=candidates, truncate_left=True))
+        if min_tokens <= item.num_tokens <= max_tokens and item.num_truncated_steps == 0:
+            yield problem, TokenIds([int(t) for t in item.ids], [int(r) for r in item.reads])
+
+
+def _take_groups(items: Iterable[tuple[str, TokenIds]], n: int, limit: int | None) -> Iterator[list[tuple[str, TokenIds]]]:
+    """Consecutive groups of `n` items with distinct problems (an item whose problem the open group has
+    waits for the next one); at most `limit` groups."""
+    open_groups: list[list[tuple[str, TokenIds]]] = []
+    made = 0
+    for item in items:
+        group = next((g for g in open_groups if all(p != item[0] for p, _ in g)), None)
+        if group is None:
+            group = []
+            open_groups.append(group)
+        group.append(item)
+        if len(group) == n:
+            open_groups.remove(group)
+            yield group
+            made += 1
+            if limit is not None and made >= limit:
+                return
 
 
 def _problems_and_pool(records: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, list[list[str]]]], dict[int, list[str]]]:
