@@ -43,9 +43,13 @@ def test_python_example_runs(server: ServerProcess, index: int) -> None:
     code = examples("python")[index].replace(ADDRESS, server.target)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    printed = ast.literal_eval(proc.stdout.strip())
+    if isinstance(printed, dict):  # the search example: the second call reused all of the first call's tokens
+        assert printed["cached"] == printed["first_call"] > 0 and printed["freed"] is True, printed
+        return
     # the example prints each candidate's step scores: a right chain, one wrong from its first step, one wrong
     # at its second; the embedded model must tell them apart, step by step, by a wide margin
-    right, wrong_first, wrong_second = ast.literal_eval(proc.stdout.strip())
+    right, wrong_first, wrong_second = printed
     assert min(right) > 0.9, right
     assert max(wrong_first) < 0.1, wrong_first
     assert wrong_second[0] > 0.9 and wrong_second[1] < 0.1, wrong_second

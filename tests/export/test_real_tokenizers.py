@@ -133,3 +133,52 @@ def test_tag_strings_in_user_text_cannot_move_steps(exported: Callable[[str, str
     specials = {151651, 151644, 151645, 128009, 128000, 128006, 128007}
     # special ids appear only where the template put them: as many as in the clean candidate
     assert sum(int(t) in specials for t in dirty.ids) == sum(int(t) in specials for t in clean.ids)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "processbench"
+
+
+@pytest.mark.parametrize(
+    ("kind", "tokenizer"),
+    [
+        ("qwen-prm", "qwen2.5-math-prm"),
+        ("skywork", "qwen2.5-math-prm"),
+        ("trl", "qwen2.5-math-prm"),
+        ("math-shepherd", "mistral-7b-v0.1-spm"),
+        ("rlhflow", "llama3.1"),
+    ],
+)
+def test_a_chain_keeps_its_tokens_when_the_next_step_arrives(
+    exported: Callable[[str, str], Path], kind: str, tokenizer: str
+) -> None:
+    """The prefix cache's keys are token ids cut after each step's read position: a search's next call hits
+    only if formatting steps[:k + 1] reproduces steps[:k]'s ids exactly. Checked on real ProcessBench
+    solutions (their steps hold LaTeX, newlines and trailing spaces) for every preset."""
+    import gzip
+    import itertools
+    import json
+
+    paths = sorted(SHARED_DATA.glob("*.json.gz"))
+    if not paths:
+        pytest.skip(f"no ProcessBench files in {SHARED_DATA} (../shared/data is not on this machine)")
+    solutions: list[tuple[str, list[str]]] = []
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            records = json.load(fh)
+        solutions += [(r["problem"], [s for s in r["steps"] if s.strip()]) for r in records[:10]]
+    b = load_bundle(exported(kind, tokenizer))
+    # the tiny model's context is short; the format and the tokenizer are the real ones
+    formatter = Formatter(b.manifest.format, b.tokenizer_path, b.manifest.model.vocab_size, 1 << 20)
+    boundaries = kept = 0
+    for problem, steps in solutions:
+        chains = [ScoreRequest(problem, [steps[:k]]) for k in range(1, min(len(steps), 8) + 1)]
+        items = [formatter.format_request(r)[0] for r in chains]
+        for shorter, longer in itertools.pairwise(items):
+            boundaries += 1
+            n = shorter.num_tokens
+            same = longer.num_tokens > n and np.array_equal(longer.ids[:n], shorter.ids)
+            # where the tokens are kept, so are the read positions: the cached scores are the right steps'
+            assert not same or np.array_equal(longer.reads[: len(shorter.reads)], shorter.reads)
+            kept += same
+    assert boundaries > 50
+    assert kept == boundaries, f"{kind}: {boundaries - kept} of {boundaries} step boundaries changed tokens"

@@ -37,12 +37,18 @@ def _config(cache_bytes: int, **extra: float) -> EngineConfig:
     return EngineConfig(cache_bytes=cache_bytes, max_wait_ms=extra.pop("max_wait_ms", 1.0), **extra)  # type: ignore[arg-type]
 
 
-async def _both(bundle: Path, requests: list[list[ScoreRequest]], cache_bytes: int) -> tuple[list[ScoreResult], Engine]:
+async def _both(
+    bundle: Path, requests: list[list[ScoreRequest]], cache_bytes: int, attention_cost: float = -1.0
+) -> tuple[list[ScoreResult], Engine]:
     """Score each wave of requests concurrently (waves one after the other) with the cache and without; assert
-    the scores agree; return the cached engine's results (the engine is closed, its cache still readable)."""
+    the scores agree; return the cached engine's results (the engine is closed, its cache still readable).
+
+    `attention_cost` 0 makes the packer always continue the cached pasts; a large one makes it recompute
+    rows from an ancestor of the cached pasts or from scratch where cheaper (pack_cached): every layout must
+    give the same scores."""
     async with (
         Engine.from_bundle(bundle, config=_config(0)) as plain,
-        Engine.from_bundle(bundle, config=_config(cache_bytes)) as cached,
+        Engine.from_bundle(bundle, config=_config(cache_bytes, attention_cost=attention_cost)) as cached,
     ):
         assert cached.cache is not None and plain.cache is None
         out: list[ScoreResult] = []
@@ -60,11 +66,15 @@ async def _both(bundle: Path, requests: list[list[ScoreRequest]], cache_bytes: i
         return out, cached
 
 
-@pytest.mark.parametrize("kind", ["qwen-prm", "math-shepherd", "rlhflow"])
-def test_step_by_step_calls_reuse_every_earlier_step(tiny_bundle: Callable[..., Path], kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "attention_cost"), [("qwen-prm", 0.0), ("qwen-prm", 10.0), ("math-shepherd", 0.0), ("rlhflow", 0.0)]
+)
+def test_step_by_step_calls_reuse_every_earlier_step(
+    tiny_bundle: Callable[..., Path], kind: str, attention_cost: float
+) -> None:
     bundle = tiny_bundle(kind)
     waves = [[ScoreRequest(PROBLEM, [STEPS[:k]], search_id="s", aggregates=("min",))] for k in range(1, 6)]
-    results, engine = asyncio.run(_both(bundle, waves, 64 << 20))
+    results, engine = asyncio.run(_both(bundle, waves, 64 << 20, attention_cost))
     cached = [r.candidates[0].cached_tokens for r in results]
     sizes = [r.candidates[0].num_tokens for r in results]
     assert cached[0] == 0
@@ -171,9 +181,13 @@ chains = st.lists(st.lists(st.integers(0, len(STEPS) - 1), min_size=1, max_size=
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(waves=st.lists(st.lists(chains, min_size=1, max_size=3), min_size=1, max_size=4), budget_kb=st.integers(4, 256))
+@given(
+    waves=st.lists(st.lists(chains, min_size=1, max_size=3), min_size=1, max_size=4),
+    budget_kb=st.integers(4, 256),
+    attention_cost=st.sampled_from([0.0, 10.0]),
+)
 def test_random_search_traffic_scores_like_from_scratch(
-    tiny_bundle: Callable[..., Path], waves: list[list[list[list[int]]]], budget_kb: int
+    tiny_bundle: Callable[..., Path], waves: list[list[list[list[int]]]], budget_kb: int, attention_cost: float
 ) -> None:
     """Random trees of chains over a few steps (they share prefixes often), sent in concurrent waves, with
     budgets small enough to evict at every point: the cached engine's scores equal the uncached one's."""
@@ -182,4 +196,38 @@ def test_random_search_traffic_scores_like_from_scratch(
         [ScoreRequest(PROBLEM, [[STEPS[i] for i in c] for c in cands], search_id=f"s{n % 2}") for n, cands in enumerate(w)]
         for w in waves
     ]
-    asyncio.run(_both(bundle, requests, budget_kb << 10))
+    asyncio.run(_both(bundle, requests, budget_kb << 10, attention_cost))
+
+
+def test_the_packer_prices_each_base_and_runs_the_cheapest() -> None:
+    """Four beams of one search continue four sibling nodes below a long shared trunk. With attention free the
+    packer continues each node (fewest tokens); with attention dear it recomputes the beams' short tails in
+    rows continuing the trunk, rather than paying four rows the whole past each."""
+    from stepscore.runtime.cachedbatch import Suffix, pack_cached
+    from stepscore.runtime.packing import PackOptions
+    from stepscore.runtime.prefixcache import PrefixCache
+
+    cache = PrefixCache(1 << 30)
+
+    def kv(n: int) -> np.ndarray:
+        return np.zeros((1, 2, 1, n, 4), np.float32)
+
+    trunk = np.arange(1, 201, dtype=np.int32)  # one 200-token segment
+    cache.insert(cache.root, trunk, np.array([199], np.int32), kv(200), [0.5])
+    top = next(iter(cache.root.children.values()))
+    leaves = []
+    for b in range(4):
+        tail = np.array([300 + b, 301, 302, 303], np.int32)
+        cache.insert(top, tail, np.array([3], np.int32), kv(4), [0.1])
+        leaves.append(top.children[tail.tobytes()])
+    items = [
+        Suffix(np.array([400 + b, 401], np.int32), np.array([1], np.int32), past=leaves[b], search_id="beam") for b in range(4)
+    ]
+    cheap = pack_cached(items, cache, PackOptions(attention_cost=0.0))
+    assert cheap.item_base == leaves and cheap.shape[0] == 4
+    dear = pack_cached(items, cache, PackOptions(attention_cost=0.05))
+    assert dear.item_base == [top] * 4 and dear.shape[0] < 4  # the tails packed together
+    assert dear.past_len is not None and set(dear.past_len.tolist()) == {200}
+    # each item still returns only its own suffix's read, and its tokens are its tail + suffix
+    assert [len(r) for r in dear.item_reads] == [1] * 4
+    assert dear.item_tokens is not None and all(len(t) == 6 for t in dear.item_tokens)

@@ -38,22 +38,103 @@ class Suffix(Formatted):
         return 0 if self.past is None else self.past.end
 
 
+# A past token costs a new token of its row about twice what attention to another new token costs: besides
+# the attention, MultiHeadAttention concatenates past and new K/V per query head (measured on the CPU EP,
+# benchmark model, 32 rows x 64 new tokens: a past of 1,200 tokens took the run from 0.59 s to 1.30 s).
+PAST_ATTENTION_WEIGHT = 2.0
+
+
+def layout_cost(batch: PackedBatch, options: PackOptions) -> float:
+    """The packer's cost of a cached-graph batch: rows x length, attention to the row and (padded) past."""
+    rows, seq = batch.shape
+    ac = options.attention_cost
+    past = int(batch.past_len.max()) if batch.past_len is not None and rows else 0
+    return rows * seq * (1.0 + ac * seq + PAST_ATTENTION_WEIGHT * ac * past)
+
+
 def pack_cached(
     items: Sequence[Suffix], cache: PrefixCache, options: PackOptions, max_tokens: int | None = None, pad_id: int = 0
 ) -> PackedBatch:
     """Lay out suffixes for the cached graph (see the module doc). Groups past `max_tokens` (rows x row
-    length; at least one group is kept) are left over."""
+    length; at least one group is kept) are left over.
+
+    Each row continues one cached node, its *base*. The obvious base is each suffix's own matched node, but
+    rows then multiply (one per node) and every row pays for the longest past. Two other layouts are priced
+    too, and the cheapest runs: for each search, the deepest node all its suffixes descend from (beam
+    search's kept beams share their problem and first steps: one row per search, the beams' own tails
+    recomputed inside it), and the root (everything from scratch, shared inside the batch as the tree graph
+    would). Recomputed segments are cached again as they are (they exist already: nothing is added)."""
     if not items:
         raise ValueError("pack_cached() needs at least one item")
     tree_only = replace(options, plain_cost=None)  # the cached graph is a tree graph
+    best = _pack_from(items, [item.past for item in items], cache, tree_only, max_tokens, pad_id)
+    if options.attention_cost <= 0 or all(item.start == 0 for item in items):
+        return best
+    left = set(best.leftover)
+    kept = [i for i in range(len(items)) if i not in left]
+    chosen = [items[i] for i in kept]
+    whole = replace(tree_only, run_overhead=None)  # the items to run now are chosen already
+    for bases in (_search_bases(chosen, cache), [cache.root if item.past is not None else None for item in chosen]):
+        other = _pack_from(chosen, bases, cache, whole, None, pad_id)
+        if layout_cost(other, options) < layout_cost(best, options):
+            best = _widen(other, kept, len(items), best.leftover)
+    return best
+
+
+def _search_bases(items: Sequence[Suffix], cache: PrefixCache) -> list[Node | None]:
+    """Per item: the deepest node every suffix of its search (anonymous: its own node) descends from."""
+    by_search: dict[str, list[Node]] = {}
+    for item in items:
+        if item.search_id and item.past is not None:
+            by_search.setdefault(item.search_id, []).append(item.past)
+    common = {sid: cache.common_ancestor(nodes) for sid, nodes in by_search.items()}
+    return [common[item.search_id] if item.search_id and item.past is not None else item.past for item in items]
+
+
+def _widen(batch: PackedBatch, kept: Sequence[int], n: int, leftover: list[int]) -> PackedBatch:
+    """A batch laid out for items[kept], re-indexed to all n items (the others left over)."""
+    reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
+    tokens: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * n
+    bases: list[Node | None] = [None] * n
+    assert batch.item_tokens is not None and batch.item_base is not None
+    for k, i in enumerate(kept):
+        reads[i], tokens[i], bases[i] = batch.item_reads[k], batch.item_tokens[k], batch.item_base[k]
+    return replace(batch, item_reads=reads, item_tokens=tokens, item_base=bases, leftover=leftover)
+
+
+def relative(item: Suffix, base: Node | None, cache: PrefixCache) -> tuple[Formatted, int, list[float]]:
+    """`item` laid out from `base` (an ancestor of its node): its ids and reads from the end of `base`, how
+    many of those reads the cache holds already, and their scores."""
+    if base is None or base is item.past:
+        return item, 0, []
+    assert item.past is not None
+    ids, reads, scores = cache.path(item.past)
+    cut = base.end
+    held = [k for k in range(len(reads)) if reads[k] >= cut]
+    rel_ids = np.concatenate([ids[cut:], item.ids]).astype(np.int32)
+    rel_reads = np.concatenate([reads[held] - cut, item.reads + (item.start - cut)]).astype(np.int32)
+    return Formatted(rel_ids, rel_reads), len(held), [scores[k] for k in held]
+
+
+def _pack_from(
+    items: Sequence[Suffix],
+    bases: Sequence[Node | None],
+    cache: PrefixCache,
+    tree_only: PackOptions,
+    max_tokens: int | None,
+    pad_id: int,
+) -> PackedBatch:
+    """Rows continuing `bases[i]` for item i, one base per row (items of one base share their common tokens
+    in tree rows), the pasts padded to the longest; each item returns the reads of its own suffix only."""
     groups: dict[int, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(id(item.past), []).append(i)
+    for i, base in enumerate(bases):
+        groups.setdefault(id(base), []).append(i)
+    laid = [relative(item, base, cache) for item, base in zip(items, bases, strict=True)]
     subs: list[tuple[list[int], PackedBatch]] = []
     rows = seq = 0
     leftover: list[int] = []
     for group in groups.values():
-        sub = pack([items[i] for i in group], tree_only, None, pad_id)
+        sub = pack([laid[i][0] for i in group], tree_only, None, pad_id)
         # a group of mixed lengths may run one length class now (PackOptions.run_overhead): the rest waits
         leftover.extend(group[j] for j in sub.leftover)
         left = set(sub.leftover)
@@ -78,7 +159,8 @@ def pack_cached(
     for members, sub in subs:
         b, s = sub.shape
         kk = sub.step_positions.shape[1]
-        start = items[group_start(members)].start
+        base = bases[group_start(members)]
+        start = 0 if base is None else base.end
         rs = slice(r0, r0 + b)
         input_ids[rs, :s] = sub.input_ids
         position_ids[rs, :s] = sub.position_ids + start
@@ -89,15 +171,12 @@ def pack_cached(
         for j, i in enumerate(members):
             if i < 0:
                 continue
-            reads = sub.item_reads[j]
+            reads = sub.item_reads[j][laid[i][1] :]  # the reads the cache holds already are not returned
             item_reads[i] = ((r0 + reads // kk) * k + reads % kk).astype(np.intp)
             toks = sub.item_tokens[j]
             item_tokens[i] = ((r0 + toks // s) * seq + toks % s).astype(np.intp)
-        past = items[group_start(members)].past
-        pasts.append((rs, cache.past(past) if past is not None else None))
+        pasts.append((rs, cache.past(base) if base is not None else None))
         r0 += b
-    past_kv = _stack_pasts(pasts, rows)
-    used = sum(sub.tokens_used for _, sub in subs)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -105,12 +184,13 @@ def pack_cached(
         step_positions=step_positions,
         item_reads=item_reads,
         tokens_submitted=sum(sub.tokens_submitted for _, sub in subs),
-        tokens_used=used,
+        tokens_used=sum(sub.tokens_used for _, sub in subs),
         reads_computed=sum(sub.reads_computed for _, sub in subs),
         leftover=sorted(leftover),
         item_tokens=item_tokens,
         past_len=past_len,
-        past_kv=past_kv,
+        past_kv=_stack_pasts(pasts, rows),
+        item_base=list(bases),
     )
 
 
@@ -135,7 +215,8 @@ def _stack_pasts(pasts: Sequence[tuple[slice, KvArray | None]], rows: int) -> Kv
 
 
 def suffix_kv(present: KvArray, batch: PackedBatch, index: int) -> KvArray:
-    """Item `index`'s K/V [layers, 2, kv_heads, tokens, D] from the batch's present [layers, 2, B, kv, S, D]."""
+    """Item `index`'s K/V [layers, 2, kv_heads, tokens, D] from the batch's present [layers, 2, B, kv, S, D]:
+    every token it has in the batch (from the end of its base)."""
     assert batch.item_tokens is not None
     _, s = batch.shape
     flat = batch.item_tokens[index]

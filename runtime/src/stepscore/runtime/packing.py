@@ -27,6 +27,7 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +82,9 @@ class PackedBatch:
     # continues, and their K/V [layers, 2, B, kv_heads, P, head_dim] (rows padded to the longest past).
     past_len: I64Array | None = None
     past_kv: npt.NDArray[np.generic] | None = None
+    # Per item of a cached-graph batch: the cached node its row continues (stepscore.runtime.prefixcache.Node;
+    # None: no past). The item's tokens in the batch start at that node's end.
+    item_base: list[Any] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

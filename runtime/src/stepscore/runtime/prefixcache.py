@@ -10,7 +10,7 @@ with its tag. Each node holds
 
 Keys are exact token ids, so a hit is correct whatever the format: with causal attention the K/V and the
 score at a position depend only on the ids up to it. A format whose later text changes earlier tokens
-(merges across a step boundary) only loses hits; tests/runtime/test_prefixcache_tokenizers.py measures,
+(merges across a step boundary) only loses hits; tests/export/test_real_tokenizers.py checks,
 per preset with the real tokenizers, that a chain's boundaries survive the next step.
 
 Lifetimes. `match` locks the deepest matched node (its ancestors are inner nodes, never evicted before it)
@@ -139,6 +139,37 @@ class PrefixCache:
         if not chain:
             return None
         return np.concatenate(chain[::-1], axis=3)
+
+    def path(self, node: Node) -> tuple[IntArray, IntArray, list[float]]:
+        """The ids from the root to `node` (locked by the caller), the read positions in them and their scores."""
+        with self._lock:
+            chain: list[Node] = []
+            while node.kv is not None:
+                chain.append(node)
+                assert node.parent is not None
+                node = node.parent
+        chain.reverse()
+        ids = np.concatenate([n.ids for n in chain]) if chain else np.empty(0, np.int32)
+        reads = np.array([n.end - 1 for n in chain], dtype=np.int32)
+        return ids.astype(np.int32), reads, [n.score for n in chain]
+
+    def common_ancestor(self, nodes: Sequence[Node]) -> Node:
+        """The deepest node every one of `nodes` (locked by the caller) is or descends from (the root at worst)."""
+        with self._lock:
+
+            def chain(node: Node) -> list[Node]:
+                out = [node]
+                while out[-1].parent is not None:
+                    out.append(out[-1].parent)
+                return out[::-1]  # root first
+
+            chains = [chain(n) for n in nodes]
+            common = self.root
+            for level in zip(*chains, strict=False):
+                if any(n is not level[0] for n in level):
+                    break
+                common = level[0]
+            return common
 
     # -- inserts --------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from stepscore.errors import ConfigError, Unavailable, report_internal
 from stepscore.runtime.backend import Backend, KvBackend
-from stepscore.runtime.cachedbatch import Suffix, pack_cached, suffix_kv
+from stepscore.runtime.cachedbatch import Suffix, pack_cached, relative, suffix_kv
 from stepscore.runtime.config import EngineConfig, default_plain_cost, default_run_overhead
 from stepscore.runtime.core import CoreConfig, Outcome, Permit, Plan, Request, SchedulingCore, Scores
 from stepscore.runtime.packing import PackedBatch, PackOptions, pack
@@ -293,7 +293,12 @@ class Scheduler:
             if not isinstance(item, Suffix) or not item.cacheable or item.past is None:
                 continue
             kv = suffix_kv(present, prepared.batch, k)
-            self._cache.insert(item.past, item.ids, item.reads, kv, [float(x) for x in scores], item.search_id)
+            bases = prepared.batch.item_base
+            base = bases[k] if bases is not None else item.past
+            # the item ran from `base` (its own node, or an ancestor whose later segments ran again)
+            laid, _, held = relative(item, base, self._cache)
+            chain_scores = held + [float(x) for x in scores]
+            self._cache.insert(base or self._cache.root, laid.ids, laid.reads, kv, chain_scores, item.search_id)
 
     def _record(self, batch: PackedBatch, elapsed: float) -> None:
         s = self.stats
