@@ -550,6 +550,7 @@ async def cache_section(args: argparse.Namespace) -> None:
         cache_vs_sharing = got["cache"][0].tokens_per_s / got["sharing"][0].tokens_per_s
         verdicts.append(f"{name}: cache on / off {cache_vs_off:.2f}x, cache on / sharing only {cache_vs_sharing:.2f}x")
     table = "\n".join(rows)
+    memory = await _cache_memory(bundle, args)
     body = f"""## Prefix cache: cache off, within-call sharing only, cache on (CPU)
 
 {environment()}. Command: `{cmd_line()}`. Same model as above; the engine in-process at {concurrency} concurrent
@@ -567,8 +568,46 @@ calls: the control). Calls carry their search's id, as the bench's clients send 
 "off" is cache off and within-call sharing off; "sharing" the engine's default before the cache (shared prefixes
 inside a call computed once); "cache" the prefix cache on top of sharing. tokens/s counts submitted tokens.
 Targets: step-by-step >= 4x vs off; beam >= 2x vs sharing only; Best-of-N >= 0.95x.
+
+{memory}
 """
     write_section("cache", body)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024.0
+
+
+async def _cache_memory(bundle: Path, args: argparse.Namespace) -> str:
+    """A long run against a small budget: the step-by-step workload three times over, evicting all along, the
+    process's resident memory sampled before the engine starts, after its warm-up and at the end."""
+    from stepscore.runtime.bench import EngineSystem, closed_loop, load_workload, warm_up
+    from stepscore.runtime.config import EngineConfig
+
+    budget_mb = 64
+    wl = load_workload("step-by-step", SHARED / "data", limit=(args.requests or 24) * 8)
+    before = _rss_mb()
+    system = EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads, cache_bytes=budget_mb << 20))
+    await system.setup()
+    try:
+        await warm_up(system, wl.requests, count=4)
+        warm = _rss_mb()
+        for _ in range(3):
+            await closed_loop(system, wl.requests, 16, workload=wl.name)
+        end = _rss_mb()
+        cache = system.engine.cache
+        held, evictions = cache.stats.bytes / 2**20, cache.stats.evictions
+    finally:
+        await system.close()
+    log(f"  memory: before {before:.0f} MB, warm {warm:.0f} MB, end {end:.0f} MB, cache {held:.1f} MB, {evictions} evictions")
+    return (
+        f"Memory under a long run (the step-by-step workload three times, {3 * len(wl.requests)} calls, cache budget "
+        f"{budget_mb} MiB): resident memory of the benchmark process {before:,.0f} MB before the engine, "
+        f"{warm:,.0f} MB after its warm-up (model loaded), {end:,.0f} MB at the end with the cache holding "
+        f"{held:.1f} MiB after {evictions:,} evictions: growth after warm-up {end - warm:,.0f} MB for a "
+        f"{budget_mb} MiB budget (target: within the budget + 10% of model and budget)."
+    )
 
 
 def main() -> int:

@@ -97,7 +97,9 @@ def measured_config(bundle: Bundle, backend: Backend, config: EngineConfig) -> E
     import onnxruntime
 
     m = bundle.manifest
-    key = costmodel.cache_key(m.files[m.graph.file].sha256, backend.device, config.intra_op_threads, onnxruntime.__version__)
+    # the graph the batches run: the cached one when the prefix cache is on
+    graph = m.graph.cached_file if isinstance(backend, KvBackend) and backend.kv_cache and m.graph.cached_file else m.graph.file
+    key = costmodel.cache_key(m.files[graph].sha256, backend.device, config.intra_op_threads, onnxruntime.__version__)
     model = costmodel.load_cached(bundle.path, key)
     if model is None:
         started = time.perf_counter()
@@ -203,15 +205,22 @@ class Engine:
         plain = bundle.plain_graph_path if config.plain_rows != "never" else None
         if config.plain_rows == "always" and plain is None:
             raise ConfigError(f"plain_rows='always' but {bundle.path} has no plain-row graph; re-export it with this version")
-        cached = bundle.cached_graph_path if config.cache_bytes != 0 else None
-        if config.cache_bytes != 0 and cached is None:
+        # plain_rows="always" asks for one padded row per candidate through the plain graph: no cache then
+        wants_cache = config.cache_bytes != 0 and config.plain_rows != "always"
+        cached = bundle.cached_graph_path if wants_cache else None
+        if wants_cache and cached is None:
             log.info("%s has no cached graph (exported before the prefix cache): the prefix cache is off", bundle.path)
+        # With the prefix cache every batch runs the cached graph (an empty past is a tree batch): its session is
+        # the only one, so the weights are held once instead of once per graph.
+        tree = bundle.graph_path if cached is None else None
+        if cached is not None:
+            plain = None
         m = bundle.manifest.model
         backends: list[Backend] = []
         for dev in _device_list(device, devices):
             threads = config.intra_op_threads or None
             backend = OrtBackend(
-                bundle.graph_path,
+                tree,
                 dev,
                 threads=threads,
                 io_binding=config.io_binding,

@@ -145,7 +145,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         d.plain_rows,
         plain_rows,
         "rows without a shared prefix through the bundle's plain-row graph (no attention bias, flash attention on "
-        "CUDA): when the cost model prefers it, for every batch, or never",
+        "CUDA): when the cost model prefers it, for every batch (no prefix cache then), or never; with the prefix "
+        "cache on, batches run the cached graph",
         choices=PLAIN_ROWS,
     )
     add_flag(
