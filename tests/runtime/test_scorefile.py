@@ -42,6 +42,24 @@ def test_score_jsonl(tiny_bundle: Callable[..., Path], tmp_path: Path) -> None:
     assert "line 2:" in proc.stderr and "line 5:" in proc.stderr
 
 
+def test_a_file_of_growing_chains_reuses_earlier_lines(tiny_bundle: Callable[..., Path], tmp_path: Path) -> None:
+    """A JSONL of chains as a search writes them (each line the previous chain plus a step), scored one line at a
+    time: every line after the first finds the previous chain in the prefix cache; with --cache-mb 0 none does."""
+    steps = ["2+2=4.", "4*3=12.", "12-2=10.", "So 10."]
+    src = tmp_path / "chains.jsonl"
+    src.write_text("".join(json.dumps({"problem": "2+2, *3, -2?", "candidates": [steps[:k]]}) + "\n" for k in range(1, 5)))
+    on = [
+        json.loads(line)["candidates"][0]
+        for line in _score(str(tiny_bundle("trl")), str(src), "--concurrency", "1").stdout.splitlines()
+    ]
+    off = _score(str(tiny_bundle("trl")), str(src), "--concurrency", "1", "--cache-mb", "0").stdout.splitlines()
+    assert "cached_tokens" not in on[0]
+    assert [c["cached_tokens"] for c in on[1:]] == [c["num_tokens"] for c in on[:-1]]
+    assert all("cached_tokens" not in json.loads(line)["candidates"][0] for line in off)
+    for a, b in zip(on, (json.loads(line)["candidates"][0] for line in off), strict=True):
+        assert max(abs(x - y) for x, y in zip(a["step_scores"], b["step_scores"], strict=True)) <= 1e-5
+
+
 def test_unknown_keys_blank_lines_and_columns(tmp_path: Path) -> None:
     good = {"problem": "(2+3)*4", "candidates": [["2+3=5", "5*4=20"]]}
     broken = '{"problem": "(2+3)*4", "candidates": [["2+3=5"]] x}'

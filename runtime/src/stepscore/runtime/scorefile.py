@@ -134,6 +134,8 @@ def result_json(result: ScoreResult) -> dict[str, Any]:
         }
         if cand.num_truncated_steps:
             item["num_truncated_steps"] = cand.num_truncated_steps
+        if cand.cached_tokens:  # tokens an earlier line computed (the prefix cache)
+            item["cached_tokens"] = cand.cached_tokens
         out.append(item)
     return {"candidates": out}
 
@@ -146,17 +148,22 @@ async def score_lines(engine: Any, source: IO[bytes], sink: IO[str], concurrency
     """Score every non-blank line of `source` through `engine`, writing results to `sink` in input order.
     Returns the number of lines that failed; raises OutputClosed when the sink's reader went away."""
     window: asyncio.Queue[tuple[int, asyncio.Task[ScoreResult] | StepscoreError]] = asyncio.Queue(concurrency)
+    # exactly `concurrency` lines scored at once: with 1, each line starts after the previous one is scored,
+    # so a file of growing chains finds each earlier chain in the prefix cache
+    running = asyncio.Semaphore(concurrency)
     failures = 0
 
     async def produce() -> None:
         for number, raw in enumerate(source, start=1):
             if not raw.strip():
                 continue  # a blank line (a trailing newline, a separator) is no request
+            await running.acquire()
             try:
-                task: asyncio.Task[ScoreResult] | StepscoreError = asyncio.create_task(
-                    engine.score(parse_line(decode_line(raw)))
-                )
+                scoring: asyncio.Task[ScoreResult] = asyncio.create_task(engine.score(parse_line(decode_line(raw))))
+                scoring.add_done_callback(lambda _: running.release())
+                task: asyncio.Task[ScoreResult] | StepscoreError = scoring
             except StepscoreError as exc:
+                running.release()
                 task = exc
             await window.put((number, task))
         await window.put((0, StepscoreError("end")))
