@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, cast, overload
 
 from stepscore.integrations.common import CHUNK, CONCURRENCY, DEFAULT_TARGET, Entry, Scorer, Usage
 
@@ -55,6 +55,12 @@ class StepscoreRewardModelCaller:
         self.step_tag: str | None = getattr(config, "step_tag", None)
         self.format_str: str | None = getattr(config, "format_str", None)
         self._scorer = Scorer(target, search_prefix=search_prefix, concurrency=concurrency, chunk=chunk, **client_options)
+
+    @overload
+    def __call__(self, question_answer_pairs: tuple[str, str], lm_step_tag: str) -> list[float]: ...
+
+    @overload
+    def __call__(self, question_answer_pairs: Sequence[tuple[str, str]], lm_step_tag: str) -> list[list[float]]: ...
 
     def __call__(
         self, question_answer_pairs: tuple[str, str] | Sequence[tuple[str, str]], lm_step_tag: str
