@@ -112,7 +112,7 @@ def test_a_tree_search_pays_only_for_new_steps(live: Live) -> None:
             before = rm_call.usage.cached_tokens
             rewards = rm_call_fn(pairs)
             calls_per_depth.append((len(pairs[0][1].split("\n\n")) - 1, rm_call.usage.cached_tokens - before))
-            return rewards  # type: ignore[return-value]
+            return rewards
 
         best = tree_beam_search(problem, counted, beam_size=2, width=3, rng=random.Random(5))[0]
         assert verify(problem, best.actions) == [True] * 4, best.actions

@@ -56,11 +56,13 @@ class StepscoreRewardModelCaller:
         self.format_str: str | None = getattr(config, "format_str", None)
         self._scorer = Scorer(target, search_prefix=search_prefix, concurrency=concurrency, chunk=chunk, **client_options)
 
-    @overload
-    def __call__(self, question_answer_pairs: tuple[str, str], lm_step_tag: str) -> list[float]: ...
-
+    # the list form first: `functools.partial(rm_call, lm_step_tag=...)`, how OpenR's searches bind it and call
+    # it with lists, takes the first overload's type
     @overload
     def __call__(self, question_answer_pairs: Sequence[tuple[str, str]], lm_step_tag: str) -> list[list[float]]: ...
+
+    @overload
+    def __call__(self, question_answer_pairs: tuple[str, str], lm_step_tag: str) -> list[float]: ...
 
     def __call__(
         self, question_answer_pairs: tuple[str, str] | Sequence[tuple[str, str]], lm_step_tag: str
