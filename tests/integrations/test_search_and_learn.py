@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import random
 from dataclasses import dataclass, field
 
@@ -173,3 +174,14 @@ def test_several_questions_in_one_call_each_keep_their_own_search(live: Live) ->
         assert prm.usage.cached_tokens > 0  # each question's first step came from its search's cache
         assert prm.search_id(a) != prm.search_id(b)
         assert prm.end() > 0
+
+
+def test_the_prm_survives_pickling_as_datasets_map_does_it(live: Live) -> None:
+    """search-and-learn passes the PRM to `datasets.map(fn_kwargs={"prm": prm})`, which pickles it (to hash it,
+    and to send it to each process with num_proc > 1): the copy connects on its own."""
+    with StepscorePRM(Config(), live.target, search_prefix="test-pickle-") as prm:
+        before = prm.score([PROBLEM], [["2+3=5"]])
+        copy_ = pickle.loads(pickle.dumps(prm))
+        assert copy_.score([PROBLEM], [["2+3=5"]]) == before
+        assert copy_.search_id(PROBLEM) == prm.search_id(PROBLEM) and copy_.search_config == Config()
+        copy_.close()
