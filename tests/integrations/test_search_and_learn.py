@@ -185,3 +185,15 @@ def test_the_prm_survives_pickling_as_datasets_map_does_it(live: Live) -> None:
         assert copy_.score([PROBLEM], [["2+3=5"]]) == before
         assert copy_.search_id(PROBLEM) == prm.search_id(PROBLEM) and copy_.search_config == Config()
         copy_.close()
+
+
+def test_many_completions_of_one_question_are_chunked_in_order(live: Live) -> None:
+    outputs = ["2+3=5\n\n5*4=20", "2+3=6", "2+3=5\n\n5*4=25", "2+3=5", "2+3=4\n\n4*4=16"]
+    with StepscorePRM(None, live.target, search_prefix="test-chunk-", chunk=2) as prm:
+        chunked = prm.score([PROBLEM, PROBLEM], [outputs[:3], outputs[3:]])
+        assert prm.usage.calls == 3  # 5 completions of one question, 2 a call
+    with StepscorePRM(None, live.target, search_prefix="test-whole-") as whole:
+        assert chunked == [
+            [pytest.approx(s, abs=1e-6) for s in per] for per in whole.score([PROBLEM, PROBLEM], [outputs[:3], outputs[3:]])
+        ]
+        assert whole.usage.calls == 1

@@ -7,6 +7,10 @@ call (chunked at `chunk` candidates), so the server shares their prefixes in one
 question's search id, the same at every iteration of a search, so the prefix cache serves the steps scored
 before and a several-replica target (`ring_hash`, see stepscore.runtime.client) keeps the question on one
 replica. Questions go out concurrently on a small thread pool; answers come back in the entries' order.
+
+Unary calls rather than one stream per batch: a stream is one gRPC call, routed once by one search id, while
+a batch of a best-of-n run or a GRPO step holds many questions, each its own search, each to be routed to the
+replica that holds its prefixes. The frameworks call their PRM synchronously, so a blocking client serves them.
 """
 
 from __future__ import annotations
