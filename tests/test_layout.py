@@ -144,7 +144,7 @@ def test_no_import_cycles_among_stepscore_modules() -> None:
 
 
 # A repository path as docs and comments write it: starts at a top-level folder, no spaces.
-PATH = re.compile(r"(?<![\w./-])((?:runtime|export|protos|tests|benchmarks|docs|deploy|\.ci)/[\w./-]*\w)")
+PATH = re.compile(r"(?<![\w./-])((?:runtime|export|protos|tests|benchmarks|docs|deploy|examples|\.ci)/[\w./-]*\w)")
 DOC_SUFFIXES = {".md", ".py", ".proto", ".toml", ".js", ".yaml", ".yml", ".conf"}
 
 
