@@ -152,7 +152,7 @@ async def measure_sweep(
     system: Any, requests: Sequence[Any], points: Sequence[tuple[int, int]], workload: str
 ) -> list[Measured]:
     """One system set up once, warmed up by a few unmeasured requests, then a closed loop per (concurrency,
-    number of requests) point, in order."""
+    number of requests) point, in order, the prefix cache emptied before each."""
     import numpy as np
 
     from stepscore.runtime.bench import closed_loop, summarize, warm_up
@@ -163,6 +163,10 @@ async def measure_sweep(
         first = points[0]
         await warm_up(system, requests, count=min(2, len(requests), first[1]), concurrency=min(first[0], 2))
         for concurrency, count in points:
+            # every point sends the same requests: the prefix cache would answer them from the last point
+            cache = getattr(getattr(system, "_engine", None), "cache", None)
+            if cache is not None:
+                cache.clear()
             point = await closed_loop(system, requests, concurrency, count=count, workload=workload)
             s = summarize(point)
             ok = [r.latency_s * 1000.0 for r in point.records if r.ok]
