@@ -20,7 +20,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:  # the client (grpc, numpy) loads at the first call, not when an adapter is imported
     from stepscore.runtime.client import Client
@@ -200,3 +201,32 @@ __all__ = [
     "search_id_for",
     "split_steps",
 ]
+
+
+class SearchFacade:
+    """What the search adapters (search-and-learn, OpenR) offer beside their framework's call: ending searches,
+    their ids, usage counters, closing. Each adapter holds its `Scorer` as `_scorer`."""
+
+    _scorer: Scorer
+
+    def end(self, questions: Iterable[str] | None = None) -> int:
+        """The searches over `questions` are finished (None: every search scored so far): the server frees the
+        prefix-cache entries only they used. Returns the bytes freed."""
+        return self._scorer.end(questions)
+
+    def search_id(self, question: str) -> str:
+        """The search id the calls about `question` carry (to read the server's view of that search)."""
+        return self._scorer.search_id(question)
+
+    @property
+    def usage(self) -> Usage:
+        return self._scorer.usage
+
+    def close(self) -> None:
+        self._scorer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -20,11 +20,10 @@ node share their parent's steps, which the server's prefix cache computed when i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from types import TracebackType
+from collections.abc import Sequence
 from typing import Any, cast, overload
 
-from stepscore.integrations.common import CHUNK, CONCURRENCY, DEFAULT_TARGET, Entry, Scorer, Usage
+from stepscore.integrations.common import CHUNK, CONCURRENCY, DEFAULT_TARGET, Entry, Scorer, SearchFacade
 
 
 def answer_steps(answer: str, lm_step_tag: str) -> list[str]:
@@ -35,7 +34,7 @@ def answer_steps(answer: str, lm_step_tag: str) -> list[str]:
     return [s for s in (piece.strip() for piece in answer.split(lm_step_tag)) if s]
 
 
-class StepscoreRewardModelCaller:
+class StepscoreRewardModelCaller(SearchFacade):
     """An OpenR `RewardModelCallingFunction` whose call is a gRPC call per question to `target`.
 
     `search_prefix` starts every search id; `client_options` go to `stepscore.runtime.client.Client`."""
@@ -76,27 +75,6 @@ class StepscoreRewardModelCaller:
         entries = [Entry(question, [answer_steps(answer, lm_step_tag)]) for question, answer in pairs]
         rewards = [list(per[0].step_scores) if per[0] else [] for per in self._scorer.score(entries)]
         return rewards[0] if single else rewards
-
-    def end(self, questions: Iterable[str] | None = None) -> int:
-        """The searches over `questions` are finished (None: every one scored so far): the server frees the
-        prefix-cache entries only they used. Returns the bytes freed."""
-        return self._scorer.end(questions)
-
-    def search_id(self, question: str) -> str:
-        return self._scorer.search_id(question)
-
-    @property
-    def usage(self) -> Usage:
-        return self._scorer.usage
-
-    def close(self) -> None:
-        self._scorer.close()
-
-    def __enter__(self) -> StepscoreRewardModelCaller:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 __all__ = ["StepscoreRewardModelCaller", "answer_steps"]

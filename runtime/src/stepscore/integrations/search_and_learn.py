@@ -20,8 +20,6 @@ cache served. search-and-learn is not imported: the config is only kept (as `sea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from types import TracebackType
 from typing import Any
 
 from stepscore.integrations.common import (
@@ -31,12 +29,12 @@ from stepscore.integrations.common import (
     STEP_SEPARATOR,
     Entry,
     Scorer,
-    Usage,
+    SearchFacade,
     split_steps,
 )
 
 
-class StepscorePRM:
+class StepscorePRM(SearchFacade):
     """A search-and-learn `PRM` whose `score` is a gRPC call per question to `target`.
 
     `search_prefix` starts every search id (a run that must not share cache entries with, or end the searches
@@ -69,28 +67,6 @@ class StepscorePRM:
             raise ValueError(f"{len(questions)} questions but {len(outputs)} lists of outputs")
         entries = [Entry(q, [split_steps(o, self.separator) for o in outs]) for q, outs in zip(questions, outputs, strict=True)]
         return [[list(c.step_scores) if c else [] for c in per] for per in self._scorer.score(entries)]
-
-    def end(self, questions: Iterable[str] | None = None) -> int:
-        """The searches over `questions` are finished (None: every search scored so far): the server frees the
-        prefix-cache entries only they used. Returns the bytes freed."""
-        return self._scorer.end(questions)
-
-    def search_id(self, question: str) -> str:
-        """The search id the calls about `question` carry (to read the server's view of that search)."""
-        return self._scorer.search_id(question)
-
-    @property
-    def usage(self) -> Usage:
-        return self._scorer.usage
-
-    def close(self) -> None:
-        self._scorer.close()
-
-    def __enter__(self) -> StepscorePRM:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 __all__ = ["StepscorePRM"]
