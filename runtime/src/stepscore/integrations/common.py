@@ -21,9 +21,11 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the client (grpc, numpy) loads at the first call, not when an adapter is imported
+    from typing import Self  # Python 3.11+; the package supports 3.10
+
     from stepscore.runtime.client import Client
     from stepscore.runtime.types import CandidateScore
 

@@ -69,7 +69,7 @@ def pack_cached(
     tree_only = replace(options, plain_cost=None)  # the cached graph is a tree graph
     best = _pack_from(items, [item.past for item in items], cache, tree_only, max_tokens, pad_id)
     if options.attention_cost <= 0 or all(item.start == 0 for item in items):
-        return best
+        return _with_pasts(best, cache)
     left = set(best.leftover)
     kept = [i for i in range(len(items)) if i not in left]
     chosen = [items[i] for i in kept]
@@ -78,7 +78,19 @@ def pack_cached(
         other = _pack_from(chosen, bases, cache, whole, None, pad_id)
         if layout_cost(other, options) < layout_cost(best, options):
             best = _widen(other, kept, len(items), best.leftover)
-    return best
+    return _with_pasts(best, cache)  # only the layout that runs copies its pasts
+
+
+def _with_pasts(batch: PackedBatch, cache: PrefixCache) -> PackedBatch:
+    """The batch with its rows' pasts: each row continues the base of the items laid out in it."""
+    assert batch.item_tokens is not None and batch.item_base is not None
+    _, seq = batch.shape
+    row_base: dict[int, Node | None] = {}
+    for tokens, base in zip(batch.item_tokens, batch.item_base, strict=True):
+        if tokens.size:  # a left-over item has no tokens in the batch
+            row_base[int(tokens[0]) // seq] = base
+    pasts = [(slice(r, r + 1), cache.past(base) if base is not None else None) for r, base in sorted(row_base.items())]
+    return replace(batch, past_kv=_stack_pasts(pasts, batch.shape[0]))
 
 
 def _search_bases(items: Sequence[Suffix], cache: PrefixCache) -> list[Node | None]:
@@ -125,7 +137,8 @@ def _pack_from(
     pad_id: int,
 ) -> PackedBatch:
     """Rows continuing `bases[i]` for item i, one base per row (items of one base share their common tokens
-    in tree rows), the pasts padded to the longest; each item returns the reads of its own suffix only."""
+    in tree rows); each item returns the reads of its own suffix only. `past_len` is set, the pasts themselves
+    are not (_with_pasts copies them, for the layout chosen only)."""
     groups: dict[int, list[int]] = {}
     for i, base in enumerate(bases):
         groups.setdefault(id(base), []).append(i)
@@ -154,7 +167,6 @@ def _pack_from(
     past_len = np.zeros(rows, dtype=np.int64)
     item_reads: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
     item_tokens: list[npt.NDArray[np.intp]] = [np.empty(0, np.intp)] * len(items)
-    pasts: list[tuple[slice, KvArray | None]] = []
     r0 = 0
     for members, sub in subs:
         b, s = sub.shape
@@ -175,7 +187,6 @@ def _pack_from(
             item_reads[i] = ((r0 + reads // kk) * k + reads % kk).astype(np.intp)
             toks = sub.item_tokens[j]
             item_tokens[i] = ((r0 + toks // s) * seq + toks % s).astype(np.intp)
-        pasts.append((rs, cache.past(base) if base is not None else None))
         r0 += b
     return PackedBatch(
         input_ids=input_ids,
@@ -189,7 +200,6 @@ def _pack_from(
         leftover=sorted(leftover),
         item_tokens=item_tokens,
         past_len=past_len,
-        past_kv=_stack_pasts(pasts, rows),
         item_base=list(bases),
     )
 

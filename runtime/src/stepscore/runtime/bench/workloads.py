@@ -183,14 +183,7 @@ def load_workload(
         raw = rebuild(records, rng, limit=limit)
         source = _describe(paths)
     else:  # processbench, step-by-step
-        folder = data / "processbench"
-        paths = sorted(folder.glob("*.json.gz"))
-        if not paths:
-            raise ConfigError(f"no ProcessBench files (*.json.gz) in {folder}; pass --data, or use --workload synthetic")
-        subsets = []
-        for path in paths:
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                subsets.append(json.load(fh))
+        paths, subsets = _processbench_subsets(data, "; pass --data, or use --workload synthetic")
         if name == "processbench":
             raw = list(_take(processbench(_interleave(subsets)), limit))
         else:
@@ -213,6 +206,19 @@ def load_workload(
 
 
 # --- real traces ---------------------------------------------------------------------------------
+
+
+def _processbench_subsets(data: Path, hint: str = "") -> tuple[list[Path], list[list[dict[str, Any]]]]:
+    """The ProcessBench files under `data`/processbench (sorted) and their records, one list per subset."""
+    folder = data / "processbench"
+    paths = sorted(folder.glob("*.json.gz"))
+    if not paths:
+        raise ConfigError(f"no ProcessBench files (*.json.gz) in {folder}{hint}")
+    subsets = []
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            subsets.append(json.load(fh))
+    return paths, subsets
 
 
 def _describe(paths: Sequence[Path]) -> str:
@@ -328,14 +334,7 @@ def processbench_best_of_n_workload(
         raise ConfigError(f"the token range must satisfy 0 < min <= max, got {min_tokens}..{max_tokens}")
     if limit is not None and limit < 1:
         raise ConfigError(f"the request limit must be at least 1, got {limit}")
-    folder = Path(data_dir) / "processbench"
-    paths = sorted(folder.glob("*.json.gz"))
-    if not paths:
-        raise ConfigError(f"no ProcessBench files (*.json.gz) in {folder}")
-    subsets = []
-    for path in paths:
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            subsets.append(json.load(fh))
+    paths, subsets = _processbench_subsets(Path(data_dir))
     groups = list(
         _take_groups(_sized_solutions(processbench(_interleave(subsets)), formatter, min_tokens, max_tokens), n, limit)
     )
@@ -344,6 +343,7 @@ def processbench_best_of_n_workload(
         for i, group in enumerate(groups)
     ]
     if not requests:
+        folder = Path(data_dir) / "processbench"
         raise ConfigError(f"no {n} ProcessBench solutions of {min_tokens}-{max_tokens} tokens in {folder}")
     description = (
         f"Best-of-N, N = {n}: {n} unrelated ProcessBench solutions of {min_tokens}-{max_tokens} formatted tokens "
