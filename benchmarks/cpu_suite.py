@@ -163,10 +163,7 @@ async def measure_sweep(
         first = points[0]
         await warm_up(system, requests, count=min(2, len(requests), first[1]), concurrency=min(first[0], 2))
         for concurrency, count in points:
-            # every point sends the same requests: the prefix cache would answer them from the last point
-            cache = getattr(getattr(system, "_engine", None), "cache", None)
-            if cache is not None:
-                cache.clear()
+            await system.forget()  # every point sends the same requests: the cache would answer from the last
             point = await closed_loop(system, requests, concurrency, count=count, workload=workload)
             s = summarize(point)
             ok = [r.latency_s * 1000.0 for r in point.records if r.ok]
@@ -502,9 +499,8 @@ async def measure_cold(system: Any, requests: Sequence[Any], concurrency: int, w
     await system.setup()
     try:
         await warm_up(system, requests, count=min(4, len(requests)), concurrency=min(concurrency, 4))
+        await system.forget()
         cache = system.engine.cache
-        if cache is not None:
-            cache.clear()
         point = await closed_loop(system, requests, concurrency, workload=workload)
         hits = (cache.stats.hit_tokens, cache.stats.miss_tokens) if cache is not None else None
     finally:

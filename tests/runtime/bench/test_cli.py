@@ -164,10 +164,13 @@ def test_bench_against_several_replicas_reports_where_calls_went(tmp_path: Path)
         args = _args(*argv)
         assert args.run(args, argv) == 0
     data = json.loads((out / "results.json").read_text())
-    assert {p["system"] for p in data["points"]} == {"service-affinity", "service-no-affinity"}
+    assert {p["system"] for p in data["points"]} == {"service-affinity", "service-round-robin"}
     assert all(p["errors"] == 0 for p in data["points"])
+    # each replica has its own prefix cache: a search's later calls find its earlier steps only on its replica
+    hit = {p["system"]: p["cache_hit"] for p in data["points"]}
+    assert hit["service-affinity"] > hit["service-round-robin"], hit
     systems = data["meta"]["systems"]
-    affinity, spread = systems["service-affinity"], systems["service-no-affinity"]
+    affinity, spread = systems["service-affinity"], systems["service-round-robin"]
     # with affinity every search (problem) stays on one replica; without, calls of a search scatter
     kept = [int(text.split("searches on one replica ")[1].split("/")[0]) for text in (affinity, spread)]
     total = int(affinity.split("searches on one replica ")[1].split("/")[1].split()[0])

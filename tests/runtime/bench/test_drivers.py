@@ -28,6 +28,10 @@ class FakeSystem:
         self.started: list[float] = []  # perf_counter() at each call
         self.calls = 0
         self.max_batch_tokens: int | None = 100
+        self.forgotten_at: list[int] = []  # calls answered when each forget() came
+
+    async def forget(self) -> None:
+        self.forgotten_at.append(self.calls)
 
     async def setup(self) -> None:
         pass
@@ -122,3 +126,11 @@ def test_sweep_baselines_and_rate_fractions() -> None:
     points = asyncio.run(sweep(engine, requests(4), concurrency=(1, 8), rates=(500.0,)))
     assert [p.concurrency for p in points[:2]] == [1, 8] and len(points[1].records) == closed_count(4, 8) == 32
     assert points[2].offered_rate == 500.0
+
+
+def test_sweep_forgets_before_every_point() -> None:
+    """Every point sends the same requests: each starts with the system's cache emptied, or a later point
+    would be answered from an earlier one."""
+    system = FakeSystem()
+    asyncio.run(sweep(system, requests(4), concurrency=(1, 2), rates=(500.0,), open_count=3))
+    assert system.forgotten_at == [0, 4, 12]  # before c=1 (4 calls), c=2 (max(4, 8) calls), the open loop

@@ -91,6 +91,34 @@ def test_parse_prometheus() -> None:
     assert counters_from_metrics({}) is None
 
 
+def test_points_start_with_an_empty_prefix_cache() -> None:
+    """The same requests twice, in-process and through a live server: with forget() between, the second point
+    finds in the cache only what its own earlier calls left (the same share as the first); without, it would
+    find nearly everything."""
+    from stepscore.runtime.bench.drivers import sweep
+    from stepscore.runtime.bench.report import summarize
+    from stepscore.runtime.default_model import default_bundle
+
+    reqs = load_workload("arith-beam", limit=12).requests
+    for system in (
+        EngineSystem(default_bundle(), config=EngineConfig(intra_op_threads=1, cache_bytes=64 << 20)),
+        ServiceSystem.spawn(default_bundle(), ["--threads", "1", "--cache-mb", "64"]),
+    ):
+
+        async def run(system: System = system) -> tuple[float, float, float]:
+            await system.setup()
+            try:
+                first, second = (summarize(p).cache_hit for p in await sweep(system, reqs, concurrency=(1, 1)))
+                again = summarize(await closed_loop(system, reqs, 1)).cache_hit  # no forget(): all from the cache
+            finally:
+                await system.close()
+            return first, second, again
+
+        first, second, again = asyncio.run(run())
+        # beam iterations extend earlier ones: a cold point still answers part of its tokens from itself
+        assert 0 < first == second < again, (system.name, first, second, again)
+
+
 def test_spawned_server(tiny_bundle: Callable[..., Path]) -> None:
     """--serve: a real `stepscore serve` child process, its metrics scraped, stopped with SIGTERM."""
     bundle = tiny_bundle("qwen-prm")

@@ -20,7 +20,9 @@ replica's health, so a draining one (NOT_SERVING) leaves the ring before it refu
 the replica that answered (its `stepscore-replica` response metadata). A target naming one server keeps gRPC's
 default policy, pick_first, and no retries unless `retry=True` (behind a proxy such as deploy/nginx/nginx.conf,
 which cannot replay a call its replica dropped, but answers UNAVAILABLE: the client's retry then goes through the
-proxy to another replica). `retry=False` turns retries off for several servers too.
+proxy to another replica). `retry=False` turns retries off for several servers too. `balancing="round_robin"`
+spreads several replicas' calls in turn, search ids ignored (what a plain balancer does; `stepscore bench
+--target A,B,C` compares it with ring_hash).
 
 grpcio reads a ring_hash config's `requestHashHeader` only when `GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY`
 is true (without it every call fails INTERNAL "hash attribute not present"): importing this module sets it
@@ -64,9 +66,17 @@ def names_several(target: str) -> bool:
     return (scheme in ("ipv4", "ipv6") and "," in rest) or scheme == "dns"
 
 
-def service_config(ring_hash: bool = True, retry: bool = True, attempts: int = RETRY_ATTEMPTS) -> str:
-    """gRPC service config (JSON): for several replicas, ring_hash on the search-id header with health checking;
-    with `retry`, retries on UNAVAILABLE (a replica that died), which ring_hash sends to the next replica."""
+BALANCING = ("ring_hash", "round_robin")
+
+
+def service_config(
+    ring_hash: bool = True, retry: bool = True, attempts: int = RETRY_ATTEMPTS, balancing: str = "ring_hash"
+) -> str:
+    """gRPC service config (JSON): for several replicas (`ring_hash`), `balancing` with health checking:
+    ring_hash on the search-id header, or round_robin; with `retry`, retries on UNAVAILABLE (a replica that
+    died), which the policy sends to the next replica."""
+    if balancing not in BALANCING:
+        raise ValueError(f"balancing must be one of {', '.join(BALANCING)}, got {balancing!r}")
     config: dict[str, Any] = {}
     if retry:
         config["methodConfig"] = [
@@ -81,7 +91,10 @@ def service_config(ring_hash: bool = True, retry: bool = True, attempts: int = R
                 },
             }
         ]
-    if ring_hash:
+    if ring_hash and balancing == "round_robin":
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": ""}
+    elif ring_hash:
         config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
         # watch each replica's grpc.health.v1 status: one that starts draining (NOT_SERVING) leaves the ring at
         # once, so its searches move on while it finishes its in-flight calls (retries alone would keep hashing
@@ -125,6 +138,7 @@ def _channel(
     key: Path | None,
     max_bytes: int,
     retry: bool | None = None,
+    balancing: str = "ring_hash",
 ) -> Any:
     """A channel from `grpc` or `grpc.aio` (same arguments): TLS when asked or when certificates are given;
     ring_hash and retries for several replicas, retries alone for one address when `retry` (a proxy in front of
@@ -136,7 +150,7 @@ def _channel(
     several = names_several(target)
     retry = several if retry is None else retry
     if several or retry:
-        options.append(("grpc.service_config", service_config(ring_hash=several, retry=retry)))
+        options.append(("grpc.service_config", service_config(ring_hash=several, retry=retry, balancing=balancing)))
     if tls or root_ca or cert:
         creds = grpc.ssl_channel_credentials(
             root_certificates=root_ca.read_bytes() if root_ca else None,
@@ -169,10 +183,13 @@ class _Base:
         timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
         retry: bool | None = None,
+        balancing: str = "ring_hash",
     ) -> None:
+        if balancing not in BALANCING:  # here, not at the first call
+            raise ValueError(f"balancing must be one of {', '.join(BALANCING)}, got {balancing!r}")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
-        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes, retry)
+        self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes, retry, balancing)
         self._stub = _stub(self._channel)
 
     def _call_metadata(self, search_id: str) -> tuple[tuple[str, str], ...] | None:

@@ -85,7 +85,8 @@ def add_parser(sub: Any) -> None:
         "",
         str,
         "a running `stepscore serve` at HOST:PORT (instead of BUNDLE); several replicas as A,B,C (or ipv4:A,B / "
-        "dns:///NAME:PORT): runs with search affinity and without, and reports the calls per replica",
+        "dns:///NAME:PORT): runs with search affinity (ring_hash) and with round_robin, and reports the calls per "
+        "replica and the prefix-cache hit rate of each",
         scope=SCOPE,
     )
     add_flag(g, "--metrics-url", "", str, "the server's Prometheus endpoint (batch fill and padding for --target)", scope=SCOPE)
@@ -240,13 +241,13 @@ def plan_systems(args: argparse.Namespace) -> list[Callable[[], System]]:
         if args.serve:
             factories.append(lambda: ServiceSystem.spawn(need_bundle(), serve_args(args), args.token or None))
         elif several_replicas(args.target):
-            # several replicas: the same traffic with search affinity, then without (random replica per call)
+            # several replicas: the same traffic with search affinity (ring_hash), then round_robin
             target, token = client_target(args.target), args.token or None
 
             def replicas(affinity: bool, name: str) -> Callable[[], System]:
                 return lambda: ServiceSystem(target, None, token, name=name, affinity=affinity)
 
-            factories += [replicas(True, "service-affinity"), replicas(False, "service-no-affinity")]
+            factories += [replicas(True, "service-affinity"), replicas(False, "service-round-robin")]
         else:
             factories.append(lambda: ServiceSystem(args.target, args.metrics_url or None, args.token or None))
     if want("naive-ort", bundle is not None, "needs BUNDLE"):

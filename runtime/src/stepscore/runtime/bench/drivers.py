@@ -33,6 +33,7 @@ class RequestRecord:
     candidates: int
     steps: int
     tokens: int  # formatted tokens of its candidates, as the system reported them (0 on error)
+    cached_tokens: int = 0  # of those, the tokens the system's prefix cache answered (not computed again)
     queue_ms: float | None = None  # the system's own queue time (ScoreResult.timing.queue_ms)
     error: str | None = None  # "ErrorType: message" when it failed
 
@@ -67,7 +68,10 @@ async def _one(system: System, request: ScoreRequest, index: int, due: float, or
         )
     latency = time.perf_counter() - due
     tokens = sum(c.num_tokens for c in result.candidates)
-    return RequestRecord(index, due - origin, latency, candidates, steps, tokens, queue_ms=result.timing.queue_ms)
+    cached = sum(c.cached_tokens for c in result.candidates)
+    return RequestRecord(
+        index, due - origin, latency, candidates, steps, tokens, cached_tokens=cached, queue_ms=result.timing.queue_ms
+    )
 
 
 def _diff(after: BatchCounters | None, before: BatchCounters | None) -> BatchCounters | None:
@@ -217,10 +221,15 @@ async def sweep(
     Sequential systems (the baselines) run the closed loop at concurrency 1 only: they take one request
     at a time, so more callers would only add waiting. Open-loop rates are `rates` (requests/s), or
     `rate_fractions` of the highest request rate this system reached in the closed loop.
+
+    Every point sends the same requests, so each starts with `system.forget()`: a prefix cache must not
+    answer a point from what the warm-up or the point before it left (that would measure the cache, not the
+    traffic). Within a point, later calls of a search do find its earlier calls: that is the traffic.
     """
     points: list[PointResult] = []
     levels = [1] if system.sequential and concurrency else list(concurrency)
     for c in levels:
+        await system.forget()
         point = await closed_loop(system, requests, c, count=closed_count(len(requests), c), workload=workload)
         points.append(point)
         if progress is not None:
@@ -234,6 +243,7 @@ async def sweep(
             )
         offered = [f * best for f in rate_fractions]
     for k, rate in enumerate(offered):
+        await system.forget()
         point = await open_loop(
             system, requests, rate, count=open_count, duration=open_duration, seed=seed + k, workload=workload
         )

@@ -44,6 +44,7 @@ class Summary:
     padding_fraction: float | None
     compute_ratio: float | None
     first_error: str | None = None
+    cache_hit: float = 0.0  # share of the successful requests' tokens the system's prefix cache answered
 
     @property
     def point(self) -> str:
@@ -94,6 +95,7 @@ def summarize(point: PointResult) -> Summary:
         padding_fraction=padding,
         compute_ratio=ratio,
         first_error=errors[0] if errors else None,
+        cache_hit=sum(r.cached_tokens for r in ok) / max(1, sum(r.tokens for r in ok)),
     )
 
 
@@ -119,7 +121,8 @@ def format_progress(s: Summary) -> str:
         f"{s.system:<10} {s.workload:<14} {s.mode:<6} {s.point:<9} {s.requests:5d} req "
         f"{s.requests_per_s:8.2f} req/s {s.candidates_per_s:9.1f} cand/s {s.tokens_per_s:10.0f} tok/s  "
         f"p50 {_lat(s.latency_ms, 'p50')} p99 {_lat(s.latency_ms, 'p99')} ms  "
-        f"queue p50 {_lat(s.queue_ms, 'p50')} ms  fill {_pct(s.batch_fill)} pad {_pct(s.padding_fraction)}{errors}"
+        f"queue p50 {_lat(s.queue_ms, 'p50')} ms  fill {_pct(s.batch_fill)} pad {_pct(s.padding_fraction)} "
+        f"cached {_pct(s.cache_hit)}{errors}"
     )
 
 
@@ -143,6 +146,7 @@ COLUMNS = (
     "batch fill",
     "padding",
     "computed/submitted",
+    "from cache",
 )
 
 
@@ -169,6 +173,7 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
             _pct(s.batch_fill),
             _pct(s.padding_fraction),
             _num(s.compute_ratio, ".2f"),
+            _pct(s.cache_hit),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -215,7 +220,8 @@ def write_report(
         "",
         "Rates count successful requests over the point's wall time; latency from send (open loop: scheduled arrival) "
         "to answer. Batch fill = tokens computed per batch / the batch budget; padding = padded share of computed tokens; "
-        "computed/submitted < 1 where shared prefixes were computed once. n/a: the system does not report it.",
+        "computed/submitted < 1 where shared prefixes were computed once. From cache = share of the tokens the "
+        "prefix cache answered (each point starts with an empty cache). n/a: the system does not report it.",
         "",
         markdown_table(summaries),
     ]

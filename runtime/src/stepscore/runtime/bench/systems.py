@@ -87,6 +87,11 @@ class System(Protocol):
         """Cumulative batch counters, or None where the system cannot tell (a server without metrics)."""
         ...
 
+    async def forget(self) -> None:
+        """Empty what the system remembers between calls (its prefix cache): the drivers call it before each
+        sweep point, which sends the same requests as the point before it."""
+        ...
+
     @property
     def max_batch_tokens(self) -> int | None:
         """The token budget of one batch, for the batch fill; None where there is none."""
@@ -149,6 +154,10 @@ class EngineSystem:
     async def counters(self) -> BatchCounters | None:
         s = self.engine.stats
         return BatchCounters(s.batches, s.tokens_submitted, s.tokens_used, s.tokens_computed)
+
+    async def forget(self) -> None:
+        if self.engine.cache is not None:
+            self.engine.cache.clear()
 
     @property
     def max_batch_tokens(self) -> int | None:
@@ -291,12 +300,14 @@ class ServiceSystem:
         self._client: Any = None
         self._max_batch_tokens: int | None = None
         self.description = ""
-        # Several replicas (a target naming several servers): with `affinity`, every request carries its
-        # problem as the search id (a workload's search is its problem), so the client's ring_hash keeps a
-        # search on one replica; without, no search id, and each call goes to a random replica.
+        # Several replicas (a target naming several servers): with `affinity`, the client's ring_hash keeps
+        # each search on one replica; without, round_robin spreads the calls in turn, as a balancer that knows
+        # nothing of searches does. Either way every request carries a search id (see `score`).
         self.affinity = affinity
         self.replica_calls: Counter[str] = Counter()
         self.search_replicas: dict[str, set[str]] = defaultdict(set)
+        self._searches: set[str] = set()  # search ids sent since the last forget()
+        self._cannot_forget = ""
 
     @property
     def server(self) -> LocalServer | None:
@@ -324,7 +335,8 @@ class ServiceSystem:
                 return int(client.info()["max_batch_tokens"])
 
         self._max_batch_tokens = await _in_thread(probe)
-        self._client = AsyncClient(self.target, token=self._token)
+        balancing = "round_robin" if self.affinity is False else "ring_hash"
+        self._client = AsyncClient(self.target, token=self._token, balancing=balancing)
         started = " started by the benchmark" if self._server is not None else ""
         metrics = f", metrics {self.metrics_url}" if self.metrics_url else ", no metrics (batch figures n/a)"
         self.description = f"gRPC server{started} at {self.target}, unary Score per request{metrics}"
@@ -332,13 +344,38 @@ class ServiceSystem:
     async def score(self, request: ScoreRequest) -> ScoreResult:
         if self._client is None:
             raise StepscoreError(f"{self.name}: setup() was not called")
-        if self.affinity is not None:
-            request = dataclasses.replace(request, search_id=request.problem if self.affinity else "")
+        # A call without a search id leaves anonymous prefix-cache entries, which no EndSearch frees: the bench
+        # names one (its problem's) so that forget() can empty the servers' caches between points.
+        search = request.search_id or "bench-" + hashlib.sha256(request.problem.encode()).hexdigest()[:16]
+        request = dataclasses.replace(request, search_id=search)
+        self._searches.add(search)
         result: ScoreResult = await self._client.score(request)
         if self.affinity is not None:
             self.replica_calls[result.replica] += 1
-            self.search_replicas[request.problem].add(result.replica)
+            self.search_replicas[search].add(result.replica)
         return result
+
+    async def forget(self) -> None:
+        """End every search sent since the last call, on every replica (with round_robin any of them may hold
+        a search's entries), which frees what they left in the prefix caches. A `dns:///` target cannot be
+        enumerated: its searches are ended through the balanced channel, which reaches the search's replica
+        under ring_hash only."""
+        from stepscore.runtime.client import AsyncClient
+
+        if not self._searches or self._client is None:
+            return
+        searches, self._searches = sorted(self._searches), set()
+        scheme, _, rest = self.target.partition(":")
+        addresses = rest.split(",") if scheme in ("ipv4", "ipv6") else [self.target]
+        try:
+            for address in addresses:
+                async with AsyncClient(address, token=self._token, retry=False) as client:
+                    await asyncio.gather(*(client.end_search(s) for s in searches))
+        except StepscoreError as exc:
+            if not self._cannot_forget:  # once: the same reason would repeat at every point
+                self._cannot_forget = f"could not empty the prefix cache between points ({exc})"
+                log.warning("%s: %s: later points may be answered from earlier ones", self.name, self._cannot_forget)
+                self.description += f"; {self._cannot_forget}"
 
     def routing(self) -> str:
         """Where the calls went, for the report: calls per replica, and the share of searches (problems) whose
@@ -350,7 +387,7 @@ class ServiceSystem:
         kept = sum(1 for where in self.search_replicas.values() if len(where) == 1)
         searches = len(self.search_replicas)
         return (
-            f"{'search affinity' if self.affinity else 'no search id (random replica per call)'}: {total} calls, "
+            f"{'ring_hash on the search id' if self.affinity else 'round_robin (search ids ignored)'}: {total} calls, "
             f"per replica {shares}; searches on one replica {kept}/{searches} ({100 * kept / searches:.0f}%)"
         )
 
@@ -434,6 +471,10 @@ class _Sequential(abc.ABC):
 
     async def counters(self) -> BatchCounters | None:
         return self._counters
+
+    async def forget(self) -> None:
+        """Nothing to forget: a baseline scores every call from scratch."""
+        return None  # a body, not an abstract stub: the baselines have nothing to override
 
     @property
     def max_batch_tokens(self) -> int | None:
