@@ -1,5 +1,6 @@
-"""Random-weight PRMs in the Qwen2.5-Math-PRM layout, for the benchmark scripts (CPU suite, export scale,
-GPU script). Speed does not depend on what a model learned, so no download is needed.
+"""Random-weight PRMs in the Qwen2.5-Math-PRM layout (or, with `architecture="llama-lm"`, the RLHFlow one:
+a Llama causal LM), for the benchmark scripts (CPU suite, export scale, GPU script, integrations). Speed does
+not depend on what a model learned, so no download is needed.
 
 Needs torch, transformers and safetensors (the export extra).
 """
@@ -29,17 +30,22 @@ def write_random_prm(
     seed: int = 0,
     tokenizer: Path | None = None,
     system_prompt: str | None = "",
+    architecture: str = "qwen2-prm",
 ) -> None:
     """Write a checkpoint (config.json, model.safetensors, tokenizer) into `folder`, unless one is there.
 
     `tokenizer`: a folder holding tokenizer.json(.gz) and tokenizer_config.json (a real tokenizer, read by
     path); None trains a small one. `system_prompt`: written to stepscore.json for export (None: none, so
-    the tokenizer's chat template decides).
+    the tokenizer's chat template decides). `architecture`: "qwen2-prm" (Qwen2ForProcessRewardModel, a
+    two-class head) or "llama-lm" (LlamaForCausalLM, scored by its logits at two candidate tokens, as RLHFlow's
+    PRMs are).
     """
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2Model
 
+    if architecture not in ("qwen2-prm", "llama-lm"):
+        raise ValueError(f"architecture {architecture!r} is not qwen2-prm or llama-lm")
     if (folder / "model.safetensors").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,6 +64,9 @@ def write_random_prm(
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     settings: dict[str, Any] = {"max_position_embeddings": 4096, "rope_theta": 10000.0, **shape}
+    if architecture == "llama-lm":
+        _write_llama_lm(folder, settings, torch_dtype, device, system_prompt)
+        return
     config = Qwen2Config(**settings)
     with torch.device(device):
         body = Qwen2Model(config).to(torch_dtype)
@@ -73,6 +82,24 @@ def write_random_prm(
     save_file(state, str(folder / "model.safetensors"))
     cfg = config.to_dict()
     cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if system_prompt is not None:
+        (folder / "stepscore.json").write_text(json.dumps({"system_prompt": system_prompt}))
+
+
+def _write_llama_lm(folder: Path, settings: dict[str, Any], torch_dtype: Any, device: str, system_prompt: str | None) -> None:
+    """The RLHFlow layout: a whole LlamaForCausalLM (its own lm_head, untied as in Llama 3.1 8B)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**settings, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch_dtype)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = config.to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
     if system_prompt is not None:
         (folder / "stepscore.json").write_text(json.dumps({"system_prompt": system_prompt}))
