@@ -205,3 +205,27 @@ def test_packed_scores_equal_alone_on_every_family(tiny_bundle: Callable[..., Pa
                 np.testing.assert_allclose(flat[where], item_alone, atol=1e-5, rtol=0)
 
     check()
+
+
+def test_candidates_sharing_a_short_prefix_run_by_length_class() -> None:
+    # Best-of-N: three solutions of one problem (a 40-token prompt in common), 455, 456 and 326 tokens. As
+    # one shared tree they would be one class; the row that runs would not share (attention over a 1,100-
+    # token row costs more than 80 tokens saved) and would pad the short one to 464. Priced as single
+    # candidates, the two long ones run now and the short one waits for its own class.
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(1, 50_000, 40)
+    items = [
+        Formatted(np.concatenate([prompt, rng.integers(1, 50_000, n - 40)]).astype(np.int32), np.array([n - 1], np.int32))
+        for n in (455, 456, 326)
+    ]
+    opts = PackOptions(row_multiple=16, attention_cost=1e-3, run_overhead=20.0)
+    batch = pack(items, opts)
+    assert batch.leftover == [2] and batch.shape == (2, 464) and batch.tokens_used == 455 + 456
+    # a long prefix in common is still one tree, run at once
+    long_prompt = rng.integers(1, 50_000, 400)
+    beams = [
+        Formatted(np.concatenate([long_prompt, [60_000 + k] * (k + 5)]).astype(np.int32), np.array([400], np.int32))
+        for k in range(3)
+    ]
+    tree = pack(beams, opts)
+    assert not tree.leftover and tree.shape[0] == 1 and tree.tokens_used < sum(b.num_tokens for b in beams)

@@ -313,11 +313,32 @@ def _pack_subset(
 def _head_length_class(items: Sequence[Formatted], options: PackOptions) -> list[int]:
     """The items to run now: the length class of item 0 (the oldest), in a partition of the batch's
     trees, sorted by size, into contiguous classes of least estimated cost. A class of trees no longer
-    than S costs about ceil(tokens / S) rows x S x (1 + attention_cost x S), plus the run's overhead."""
+    than S costs about ceil(tokens / S) rows x S x (1 + attention_cost x S), plus the run's overhead.
+
+    With sharing on, the trees are priced twice, as built (neighbours sharing a prefix in one tree) and as
+    single candidates, and the cheaper partition decides. Candidates sharing only a short prefix (best-of-N's
+    problem, unrelated solutions) make one large tree: priced as such, the whole batch is one class, and the
+    layout that runs (which does not share, attention over a long row costing more than the prefix saves)
+    pads every candidate to the longest; as singles, similar lengths run together and the rest waits."""
     assert options.run_overhead is not None
     lengths = np.array([it.num_tokens for it in items], dtype=np.int64)
-    order, shared = _sorted_with_lcps(items, options.share_prefixes)
-    pieces, sizes = _pieces(order, shared, lengths, max(options.row_tokens, int(lengths.max())), options.min_shared)
+    best: tuple[float, list[int]] | None = None
+    for share in (True, False) if options.share_prefixes else (False,):
+        order, shared = _sorted_with_lcps(items, share)
+        pieces, sizes = _pieces(order, shared, lengths, max(options.row_tokens, int(lengths.max())), options.min_shared)
+        cost, head = _cheapest_classes(pieces, sizes, options)
+        if best is None or cost < best[0]:
+            best = (cost, head)
+    assert best is not None
+    return best[1]
+
+
+def _cheapest_classes(
+    pieces: Sequence[Sequence[tuple[int, int]]], sizes: Sequence[int], options: PackOptions
+) -> tuple[float, list[int]]:
+    """The least estimated cost of running these trees in contiguous length classes (sorted by size), and
+    the items of the class holding item 0."""
+    assert options.run_overhead is not None
     by_size = sorted(range(len(pieces)), key=lambda p: -sizes[p])
     m, ac = options.row_multiple, options.attention_cost
     total = np.concatenate([[0], np.cumsum([sizes[p] for p in by_size])])
@@ -336,7 +357,7 @@ def _head_length_class(items: Sequence[Formatted], options: PackOptions) -> list
     while cut[end] > head:
         end = cut[end]
     chosen = by_size[cut[end] : end]
-    return sorted(i for p in chosen for i, _ in pieces[p])
+    return best[len(by_size)], sorted(i for p in chosen for i, _ in pieces[p])
 
 
 def _batch(
