@@ -411,3 +411,20 @@ def test_admission_ends_at_zero_whatever_fails(
             assert result.candidates and engine.queue_depth == 0
 
     asyncio.run(run())
+
+
+def test_the_batch_budget_defaults_to_the_device(tiny_bundle: Callable[..., Path]) -> None:
+    """-1: 2048 tokens a run on CPU (bigger runs only pad), 16,384 on CUDA; an explicit value is kept, and the
+    checks against it (a row must fit a run, the queue must hold one) use the resolved value."""
+    from stepscore.errors import ConfigError
+    from stepscore.runtime.config import default_max_batch_tokens
+
+    manifest = load_bundle(tiny_bundle("qwen-prm")).manifest
+    assert EngineConfig().max_batch_tokens == -1
+    assert EngineConfig().checked(manifest, "cpu").max_batch_tokens == default_max_batch_tokens("cpu") == 2048
+    assert EngineConfig().checked(manifest, "cuda:0").max_batch_tokens == 16384
+    assert EngineConfig(max_batch_tokens=4096).checked(manifest, "cpu").max_batch_tokens == 4096
+    with pytest.raises(ConfigError, match="max_queued_tokens 1024 < max_batch_tokens 2048"):
+        EngineConfig(max_queued_tokens=1024, row_tokens=512).checked(manifest, "cpu")
+    engine = Engine.from_bundle(tiny_bundle("qwen-prm"), config=EngineConfig(intra_op_threads=1, measure_cost=False))
+    assert engine.config.max_batch_tokens == 2048

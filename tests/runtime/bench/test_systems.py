@@ -21,7 +21,7 @@ from stepscore.runtime.bench.systems import (
     parse_prometheus,
 )
 from stepscore.runtime.bench.workloads import load_workload
-from stepscore.runtime.config import EngineConfig
+from stepscore.runtime.config import EngineConfig, default_max_batch_tokens
 from stepscore.runtime.types import ScoreRequest
 
 
@@ -128,7 +128,7 @@ def test_spawned_server(tiny_bundle: Callable[..., Path]) -> None:
     async def run() -> None:
         await system.setup()
         try:
-            assert system.max_batch_tokens == EngineConfig().max_batch_tokens
+            assert system.max_batch_tokens == default_max_batch_tokens("cpu") == 2048  # the device default
             point = await closed_loop(system, reqs, 2)
         finally:
             await system.close()

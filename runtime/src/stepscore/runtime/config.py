@@ -6,7 +6,7 @@ silently adjusted mid-flight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from stepscore.errors import ConfigError
@@ -47,6 +47,17 @@ def default_run_overhead(device: str) -> float | None:
     return None if device.startswith("cuda") else 16.0
 
 
+def default_max_batch_tokens(device: str) -> int:
+    """Tokens per engine run when the config leaves it to the device (-1).
+
+    CPU: 2048. A run of that size already keeps the cores' matrix kernels busy; larger runs only add padding
+    and run a little slower per token (benchmarks/RESULTS.md, runtime section: with 16,384, Best-of-N of 3
+    unrelated solutions fell from 6,715 tokens/s at one caller to 5,429 at 16). CUDA: 16,384, so that one run
+    fills the card.
+    """
+    return 16384 if device.startswith("cuda") else 2048
+
+
 def default_cache_bytes() -> int:
     """The prefix cache's budget when none is given: an eighth of the memory available at start-up (Linux
     MemAvailable), at least 64 MiB; 1 GiB where the available memory cannot be read."""
@@ -62,7 +73,8 @@ def default_cache_bytes() -> int:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_tokens: int = 16384  # tokens per engine run: rows x row length, padding included
+    # tokens per engine run: rows x row length, padding included; -1 = the device's default (default_max_batch_tokens)
+    max_batch_tokens: int = -1
     max_wait_ms: float = 1.0  # an idle device waits at most this long for a batch to fill
     max_queued_requests: int = 4096  # admitted and unfinished requests; more is "overloaded"
     max_queued_tokens: int = 2_000_000  # tokens of admitted and unfinished requests
@@ -97,8 +109,11 @@ class EngineConfig:
     # -1 = default_cache_bytes(), 0 = no prefix cache
     cache_bytes: int = -1
 
-    def checked(self, manifest: Manifest) -> EngineConfig:
-        """Validate against the bundle; returns the config with defaults resolved."""
+    def checked(self, manifest: Manifest, device: str = "cpu") -> EngineConfig:
+        """Validate against the bundle; returns the config with defaults resolved (`device`: the first
+        device the engine runs on, for the device defaults)."""
+        if self.max_batch_tokens == -1:
+            return replace(self, max_batch_tokens=default_max_batch_tokens(device)).checked(manifest, device)
         positive = (
             "max_batch_tokens",
             "max_queued_requests",

@@ -128,7 +128,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     add_flag(g, "--device", "cpu", str, "cpu, cuda or cuda:N")
     add_flag(g, "--devices", "", str, "several GPUs behind one queue, e.g. 0,1 (overrides --device)")
-    add_flag(g, "--max-batch-tokens", d.max_batch_tokens, int, "tokens per engine run, padding included")
+    add_flag(
+        g,
+        "--max-batch-tokens",
+        d.max_batch_tokens,
+        int,
+        "tokens per engine run, padding included; -1: the device's default (2048 on CPU, 16384 on CUDA)",
+    )
     add_flag(g, "--max-wait-ms", d.max_wait_ms, float, "longest an idle device waits for a batch to fill")
     add_flag(g, "--row-tokens", d.row_tokens, int, "packed row length")
     add_flag(
