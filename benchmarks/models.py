@@ -41,7 +41,6 @@ def write_random_prm(
     PRMs are).
     """
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2Model
 
     if architecture not in ("qwen2-prm", "llama-lm"):
@@ -79,27 +78,28 @@ def write_random_prm(
         "score.2.weight": (torch.randn(2, h, generator=gen) * 0.02).to(torch_dtype),
         "score.2.bias": torch.zeros(2, dtype=torch_dtype),
     }
-    save_file(state, str(folder / "model.safetensors"))
-    cfg = config.to_dict()
-    cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
-    (folder / "config.json").write_text(json.dumps(cfg))
-    if system_prompt is not None:
-        (folder / "stepscore.json").write_text(json.dumps({"system_prompt": system_prompt}))
+    _write_checkpoint(folder, state, config.to_dict(), "Qwen2ForProcessRewardModel", system_prompt)
 
 
 def _write_llama_lm(folder: Path, settings: dict[str, Any], torch_dtype: Any, device: str, system_prompt: str | None) -> None:
     """The RLHFlow layout: a whole LlamaForCausalLM (its own lm_head, untied as in Llama 3.1 8B)."""
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**settings, tie_word_embeddings=False)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch_dtype)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _write_checkpoint(folder, state, config.to_dict(), "LlamaForCausalLM", system_prompt)
+
+
+def _write_checkpoint(
+    folder: Path, state: dict[str, Any], cfg: dict[str, Any], architecture: str, system_prompt: str | None
+) -> None:
+    """Weights, config.json naming the architecture, and stepscore.json with the system prompt (when given)."""
+    from safetensors.torch import save_file
+
     save_file(state, str(folder / "model.safetensors"))
-    cfg = config.to_dict()
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": [architecture]}))
     if system_prompt is not None:
         (folder / "stepscore.json").write_text(json.dumps({"system_prompt": system_prompt}))

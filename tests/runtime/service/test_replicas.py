@@ -125,7 +125,7 @@ def test_service_config_variants() -> None:
     assert full["healthCheckConfig"] == {"serviceName": ""}
     assert full["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "methodConfig" not in json.loads(service_config(retry=False))  # still balanced, no retries
-    assert set(json.loads(service_config(ring_hash=False))) == {"methodConfig"}  # one address behind a proxy
+    assert set(json.loads(service_config(several=False))) == {"methodConfig"}  # one address behind a proxy
     spread = json.loads(service_config(balancing="round_robin"))
     assert spread["loadBalancingConfig"] == [{"round_robin": {}}] and spread["healthCheckConfig"] == {"serviceName": ""}
     with pytest.raises(ValueError, match="balancing must be one of ring_hash, round_robin"):

@@ -69,14 +69,18 @@ def names_several(target: str) -> bool:
 BALANCING = ("ring_hash", "round_robin")
 
 
-def service_config(
-    ring_hash: bool = True, retry: bool = True, attempts: int = RETRY_ATTEMPTS, balancing: str = "ring_hash"
-) -> str:
-    """gRPC service config (JSON): for several replicas (`ring_hash`), `balancing` with health checking:
-    ring_hash on the search-id header, or round_robin; with `retry`, retries on UNAVAILABLE (a replica that
-    died), which the policy sends to the next replica."""
+def _check_balancing(balancing: str) -> None:
     if balancing not in BALANCING:
         raise ValueError(f"balancing must be one of {', '.join(BALANCING)}, got {balancing!r}")
+
+
+def service_config(
+    several: bool = True, retry: bool = True, attempts: int = RETRY_ATTEMPTS, balancing: str = "ring_hash"
+) -> str:
+    """gRPC service config (JSON): for `several` replicas, the `balancing` policy with health checking:
+    ring_hash on the search-id header, or round_robin; with `retry`, retries on UNAVAILABLE (a replica that
+    died), which the policy sends to the next replica."""
+    _check_balancing(balancing)
     config: dict[str, Any] = {}
     if retry:
         config["methodConfig"] = [
@@ -91,11 +95,13 @@ def service_config(
                 },
             }
         ]
-    if ring_hash and balancing == "round_robin":
-        config["loadBalancingConfig"] = [{"round_robin": {}}]
-        config["healthCheckConfig"] = {"serviceName": ""}
-    elif ring_hash:
-        config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}]
+    if several:
+        policy = (
+            {"round_robin": {}}
+            if balancing == "round_robin"
+            else {"ring_hash_experimental": {"requestHashHeader": SEARCH_ID_HEADER}}
+        )
+        config["loadBalancingConfig"] = [policy]
         # watch each replica's grpc.health.v1 status: one that starts draining (NOT_SERVING) leaves the ring at
         # once, so its searches move on while it finishes its in-flight calls (retries alone would keep hashing
         # to it and get UNAVAILABLE until it exits)
@@ -150,7 +156,7 @@ def _channel(
     several = names_several(target)
     retry = several if retry is None else retry
     if several or retry:
-        options.append(("grpc.service_config", service_config(ring_hash=several, retry=retry, balancing=balancing)))
+        options.append(("grpc.service_config", service_config(several=several, retry=retry, balancing=balancing)))
     if tls or root_ca or cert:
         creds = grpc.ssl_channel_credentials(
             root_certificates=root_ca.read_bytes() if root_ca else None,
@@ -185,8 +191,7 @@ class _Base:
         retry: bool | None = None,
         balancing: str = "ring_hash",
     ) -> None:
-        if balancing not in BALANCING:  # here, not at the first call
-            raise ValueError(f"balancing must be one of {', '.join(BALANCING)}, got {balancing!r}")
+        _check_balancing(balancing)  # here, not at the first call (one address builds no service config)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
         self._channel = _channel(self._api, target, tls, root_ca, cert, key, max_message_bytes, retry, balancing)

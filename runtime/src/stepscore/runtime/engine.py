@@ -31,7 +31,7 @@ from stepscore.runtime.aggregates import aggregate
 from stepscore.runtime.backend import Backend, KvBackend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
 from stepscore.runtime.cachedbatch import Suffix
-from stepscore.runtime.config import EngineConfig, default_max_batch_tokens
+from stepscore.runtime.config import EngineConfig
 from stepscore.runtime.core import Permit
 from stepscore.runtime.formatting import Formatter
 from stepscore.runtime.limits import WorkGuard
@@ -201,10 +201,10 @@ class Engine:
         """Load a bundle (hashes checked), start one session per device and warm each up."""
         config = config or EngineConfig()
         bundle = load_bundle(path, verify=config.verify_bundle)
-        first = _device_list(device, devices)[0]
-        config.checked(bundle.manifest, first)  # fail on bad settings before loading any session
-        if config.max_batch_tokens == -1:  # the cost model times shapes that fit the batch: resolve it first
-            config = replace(config, max_batch_tokens=default_max_batch_tokens(first))
+        resolved = config.checked(bundle.manifest, _device_list(device, devices)[0])  # fail before loading a session
+        # the cost model times shapes that fit one run: the run budget is resolved first (the cost settings stay
+        # -1 here, so that measured_config fills them in)
+        config = replace(config, max_batch_tokens=resolved.max_batch_tokens)
         plain = bundle.plain_graph_path if config.plain_rows != "never" else None
         if config.plain_rows == "always" and plain is None:
             raise ConfigError(f"plain_rows='always' but {bundle.path} has no plain-row graph; re-export it with this version")
