@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import re
@@ -49,9 +48,9 @@ def log(msg: str) -> None:
 def build_model() -> tuple[Path, Path]:
     """The benchmark PRM: HF folder (random weights, real tokenizer) and its fp32 bundle, cached."""
     folder, bundle = CACHE / "bench-prm", CACHE / "bench-prm-fp32"
-    manifest = bundle / "manifest.json"
-    graph = json.loads(manifest.read_text())["graph"] if manifest.is_file() else {}
-    if graph.get("plain_file") and graph.get("cached_file"):
+    from benchmarks.models import bundle_is_current
+
+    if bundle_is_current(bundle):
         return folder, bundle
     tok = SHARED / "tokenizers" / "qwen2.5-math-prm"
     if not (folder / "model.safetensors").is_file() and not tok.is_dir():

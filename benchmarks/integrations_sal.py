@@ -57,7 +57,9 @@ Scores = list[list[list[float]]]  # search-and-learn's shape: per entry, per com
 def build_model() -> tuple[Path, Path]:
     """The RLHFlow-shaped PRM: HF folder (random weights, real Llama-3.1 tokenizer) and its fp32 bundle, cached."""
     folder, bundle = CACHE / "sal-rlhflow-prm", CACHE / "sal-rlhflow-prm-fp32"
-    if (bundle / "manifest.json").is_file():
+    from benchmarks.models import bundle_is_current
+
+    if bundle_is_current(bundle):
         return folder, bundle
     tok = SHARED / "tokenizers" / "llama3.1"
     if not (folder / "model.safetensors").is_file() and not tok.is_dir():

@@ -21,6 +21,17 @@ SHAPES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
+def bundle_is_current(bundle: Path) -> bool:
+    """Whether a benchmark bundle cached in benchmarks/.cache was written by an export like this version's:
+    every graph named, and the cached graph's attention op recorded (bundles before that field carry the
+    slower MultiHeadAttention cached graph and are exported again)."""
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file():
+        return False
+    graph = json.loads(manifest.read_text()).get("graph", {})
+    return bool(graph.get("plain_file") and graph.get("cached_file") and graph.get("cached_attention"))
+
+
 def write_random_prm(
     folder: Path,
     shape: dict[str, int],

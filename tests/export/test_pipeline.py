@@ -45,6 +45,8 @@ def test_manifest_records_everything_the_runtime_needs(tiny_bundle: Callable[...
     assert j["family"] == "token_cls" and j["preset"] == "qwen-prm"
     assert j["graph"]["precision"] == "fp16" and j["graph"]["opset"] >= 17
     assert j["graph"]["inputs"] == ["input_ids", "position_ids", "attn_end", "step_positions"]
+    # head size 16: the cached graph reads grouped K/V and each row's own past through GroupQueryAttention
+    assert j["graph"]["cached_attention"] == "GroupQueryAttention"
     assert j["source"]["architecture"] == "Qwen2ForProcessRewardModel"
     assert j["format"]["prompt"] and j["format"]["step"]
     assert all(len(f["sha256"]) == 64 for f in j["files"].values())

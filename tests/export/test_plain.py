@@ -105,6 +105,9 @@ def test_head_size_gqa_cannot_take_exports_without_plain_graph(
     assert "no plain-row graph" in capsys.readouterr().out
     bundle = load_bundle(out)
     assert bundle.manifest.graph.plain_file is None and not (out / "model_plain.onnx").exists()
+    # the cached graph falls back to MultiHeadAttention, validated in increments all the same
+    assert bundle.manifest.graph.cached_attention == "MultiHeadAttention"
+    assert bundle.manifest.validation["max_abs_diff_incremental"] <= 1e-5
     assert bundle.manifest.validation["max_abs_diff_plain"] is None
     with SyncEngine(out) as engine:  # auto: every batch through the tree graph
         assert len(engine.score(ScoreRequest("p?", [["one.", "two."]])).candidates[0].step_scores) == 2

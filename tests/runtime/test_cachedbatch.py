@@ -231,3 +231,39 @@ def test_the_packer_prices_each_base_and_runs_the_cheapest() -> None:
     # each item still returns only its own suffix's read, and its tokens are its tail + suffix
     assert [len(r) for r in dear.item_reads] == [1] * 4
     assert dear.item_tokens is not None and all(len(t) == 6 for t in dear.item_tokens)
+
+
+def test_a_one_step_suffix_is_not_padded_to_a_whole_uncached_chain() -> None:
+    """Step-by-step traffic mixes one-step suffixes continuing long cached chains with first calls that
+    compute a whole chain. Laid out together, every suffix row is padded to the chain's length; with a run
+    overhead to price runs, the oldest item's length class runs now and the rest waits for the next run."""
+    from stepscore.runtime.cachedbatch import Suffix, layout_cost, pack_cached
+    from stepscore.runtime.packing import PackOptions
+    from stepscore.runtime.prefixcache import PrefixCache
+
+    cache = PrefixCache(1 << 30)
+    nodes = []
+    for k in range(3):  # three solutions, 200 tokens each cached
+        chain = np.arange(1, 201, dtype=np.int32) + 1000 * k
+        cache.insert(cache.root, chain, np.array([199], np.int32), np.zeros((1, 2, 1, 200, 4), np.float32), [0.5])
+        nodes.append(cache.root.children[chain.tobytes()])
+    steps = [
+        Suffix(np.array([7, 8, 9, 10], np.int32), np.array([3], np.int32), past=nodes[k], search_id=f"s{k}") for k in range(3)
+    ]
+    first_call = Suffix(np.arange(5000, 5300, dtype=np.int32), np.array([99, 299], np.int32))
+    items = [*steps[:2], first_call, steps[2]]
+    together = pack_cached(items, cache, PackOptions(attention_cost=1e-3))
+    assert together.leftover == [] and together.shape == (4, 304)
+    classes = PackOptions(attention_cost=1e-3, run_overhead=20.0, past_padded=False)
+    now = pack_cached(items, cache, classes)
+    assert now.leftover == [2] and now.shape == (3, 16)  # the three one-step suffixes, in one run of short rows
+    assert [len(r) for r in now.item_reads] == [1, 1, 0, 1]
+    later = pack_cached([first_call], cache, classes)
+    assert later.leftover == [] and later.shape == (1, 304)
+    # the cost of a batch counts each row's own past, or the longest for every row when pasts are padded
+    assert now.past_len is not None and now.past_len.tolist() == [200, 200, 200]
+    mixed = pack_cached([steps[0], first_call], cache, PackOptions(attention_cost=0.0))  # continues each node
+    assert mixed.past_len is not None and sorted(mixed.past_len.tolist()) == [0, 200]
+    own = layout_cost(mixed, PackOptions(attention_cost=1e-3, past_padded=False))
+    padded = layout_cost(mixed, PackOptions(attention_cost=1e-3, past_padded=True))
+    assert padded - own == pytest.approx(2.0 * 1e-3 * 304 * 400 - 1e-3 * 304 * 200)

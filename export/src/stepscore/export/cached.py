@@ -131,6 +131,137 @@ def derive_cached_graph(tree_path: Path, out_path: Path, num_heads: int, num_kv_
     return out_path
 
 
+def derive_cached_graph_gqa(tree_path: Path, out_path: Path, num_heads: int, num_kv_heads: int) -> Path:
+    """The cached graph through GroupQueryAttention (same contract as `derive_cached_graph`).
+
+    MultiHeadAttention needs as many K/V heads as query heads: the past is repeated per query head in the
+    graph and concatenated with the new K/V, per layer and per run. GroupQueryAttention reads grouped K/V as
+    they are, takes each row's past length itself (`query_seqlens`: row b's chunk continues its own past,
+    however long the others are) and indexes the bias by absolute key position. Needs a head size that is a
+    multiple of 16 on the CPU (pipeline.GQA_HEAD_MULTIPLE)."""
+    if tree_path.parent != out_path.parent:
+        raise ValueError("the cached graph must sit next to the tree graph: they share the external data file")
+    model = onnx.load(str(tree_path), load_external_data=False)
+    graph = model.graph
+    by_output: dict[str, onnx.NodeProto] = {out: node for node in graph.node for out in node.output}
+    mha_nodes = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    if not mha_nodes or _BIAS not in by_output:
+        raise ExportError(f"{tree_path}: no MultiHeadAttention with the tree bias to rewrite")
+    layers = len(mha_nodes)
+    in_names, out_names = cached_inputs(layers), cached_outputs(layers)
+    elem = next(t.data_type for t in graph.initializer if t.name == "/mask/neg_f")
+    nodes: list[onnx.NodeProto] = []
+    constants = [
+        numpy_helper.from_array(np.array([0, 0, num_kv_heads, -1], np.int64), "/cached/new_shape4"),
+        numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "/cached/len_shape"),
+        numpy_helper.from_array(np.array([1, 1, 1, -1], np.int64), "/cached/idx_shape"),
+        numpy_helper.from_array(np.array(0, np.int64), "/cached/zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "/cached/one"),
+        numpy_helper.from_array(np.array([1], np.int64), "/cached/one_1d"),
+    ]
+
+    def add(op: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{name}/output_0"], name=name, **attrs))
+        return f"{name}/output_0"
+
+    # GroupQueryAttention's per-row lengths: row b holds past_len[b] cached tokens and S new ones (padding
+    # included: it sits at the end of the row, after every real token, so no real token sees it).
+    s_1d = add("Shape", [INPUTS[0]], "/cached/S", start=1, end=2)
+    p_1d = add("Shape", [in_names[5]], "/cached/P", start=2, end=3)
+    rows = add("Shape", [INPUTS[0]], "/cached/B", start=0, end=1)
+    total = add("Sub", [add("Add", [PAST_LEN, add("Squeeze", [s_1d], "/cached/S0")], "/cached/T"), "/cached/one"], "/cached/T1")
+    seqlens_k = add("Cast", [total], "/cached/seqlens_k", to=TensorProto.INT32)
+    t_max = add("Add", [p_1d, s_1d], "/cached/Tmax")  # an upper bound of every row's total
+    total_len = add("Squeeze", [add("Cast", [t_max], "/cached/Tmax32", to=TensorProto.INT32)], "/cached/total_len")
+    q_lens = add("Cast", [add("Expand", [s_1d, rows], "/cached/q_lens64")], "/cached/query_seqlens", to=TensorProto.INT32)
+    # The bias over absolute key positions [0, Tmax): a row's past is visible to all its new tokens, its new
+    # tokens keep the tree bias, shifted right by the row's past length.
+    col = add(
+        "Reshape",
+        [
+            add("Range", ["/cached/zero", add("Squeeze", [t_max], "/cached/T0"), "/cached/one"], "/cached/Range"),
+            "/cached/idx_shape",
+        ],
+        "/cached/col",
+    )
+    rel = add("Sub", [col, add("Reshape", [PAST_LEN, "/cached/len_shape"], "/cached/len")], "/cached/rel")  # [B,1,1,T]
+    s_last = add("Sub", [add("Squeeze", [s_1d], "/cached/S1"), "/cached/one"], "/cached/S_last")
+    idx = add("Max", [add("Min", [rel, s_last], "/cached/rel_hi"), "/cached/zero"], "/cached/rel_clip")
+    bias_rows = add("Shape", [_BIAS], "/cached/bias_rows", start=0, end=3)  # [B, 1, S]
+    idx = add(
+        "Expand",
+        [
+            idx,
+            add("Concat", [bias_rows, add("Shape", [col], "/cached/T_1d", start=3, end=4)], "/cached/idx_full_shape", axis=0),
+        ],
+        "/cached/idx_full",
+    )
+    shifted = add("GatherElements", [_BIAS, idx], "/cached/shifted", axis=3)
+    in_past = add("Less", [rel, "/cached/zero"], "/cached/in_past")
+    bias = add("Where", [in_past, "/mask/zero_f", shifted], "/cached/attn_bias")  # [B, 1, S, Tmax]
+
+    def rotated(name: str) -> str:
+        node = by_output[name]
+        if node.op_type == "Reshape" and by_output.get(node.input[0]) is not None:
+            expand = by_output[node.input[0]]
+            if expand.op_type == "Expand":
+                return str(by_output[expand.input[0]].input[0])
+        return name
+
+    rewritten: dict[int, onnx.NodeProto] = {}
+    for layer, mha in enumerate(mha_nodes):
+        prefix = mha.name.rsplit("/", 1)[0]
+        kv = [rotated(mha.input[1]), rotated(mha.input[2])]
+        for which, source in zip(("key", "value"), kv, strict=True):
+            new = add("Reshape", [source, "/cached/new_shape4"], f"{prefix}/{which}_bnsh_shape")
+            nodes.append(
+                helper.make_node(
+                    "Transpose", [new], [f"present_{which}.{layer}"], name=f"{prefix}/present_{which}", perm=[0, 2, 1, 3]
+                )
+            )
+        attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+        gqa_inputs = [mha.input[0], kv[0], kv[1], f"past_key.{layer}", f"past_value.{layer}", seqlens_k, total_len]
+        gqa_inputs += ["", "", "", bias, "", "", "", "", "", q_lens]  # cos, sin, position_ids, bias, ..., query_seqlens
+        rewritten[id(mha)] = helper.make_node(
+            "GroupQueryAttention",
+            gqa_inputs,
+            [mha.output[0], f"{prefix}/gqa_present_key", f"{prefix}/gqa_present_value"],
+            name=f"{prefix}/GroupQueryAttention",
+            domain=MS_DOMAIN,
+            num_heads=num_heads,
+            kv_num_heads=num_kv_heads,
+            scale=float(attrs["scale"]),
+        )
+
+    body = _topological([rewritten.get(id(node), node) for node in graph.node] + nodes, graph, constants)
+    used = {name for node in body for name in node.input}
+    body = _live(body, set(OUTPUTS) | set(out_names))
+    inputs = {i.name: i for i in graph.input}
+    past_shape: list[str | int | None] = ["batch", num_kv_heads, "past", None]
+    new_shape: list[str | int | None] = ["batch", num_kv_heads, "sequence", None]
+    new_inputs = [inputs[name] for name in INPUTS] + [helper.make_tensor_value_info(PAST_LEN, TensorProto.INT64, ["batch"])]
+    new_inputs += [helper.make_tensor_value_info(name, elem, past_shape) for name in in_names[len(INPUTS) + 1 :]]
+    outputs = list(graph.output) + [helper.make_tensor_value_info(n, elem, new_shape) for n in out_names[len(OUTPUTS) :]]
+    used = {name for node in body for name in node.input}
+    initializers = [t for t in [*graph.initializer, *constants] if t.name in used]
+    new_graph = helper.make_graph(body, "stepscore-cached", new_inputs, outputs, initializers)
+    cached = helper.make_model(new_graph, opset_imports=list(model.opset_import), producer_name="stepscore")
+    cached.ir_version = model.ir_version
+    onnx.save_model(cached, str(out_path))
+    return out_path
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` without those no output depends on (the repeat of grouped K/V heads MultiHeadAttention needed)."""
+    needed = set(outputs)
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    return keep[::-1]
+
+
 def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto, constants: list[TensorProto]) -> list[onnx.NodeProto]:
     """`nodes` in an order where every input is produced before it is used (ONNX requires it; the rewritten
     attention nodes now read values built after them in the list)."""

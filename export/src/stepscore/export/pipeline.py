@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepscore.errors import ExportError
-from stepscore.export.cached import derive_cached_graph
+from stepscore.export.cached import derive_cached_graph, derive_cached_graph_gqa
 from stepscore.export.families import MAX_ROW_TOKENS, ModelPlan, plan_export, rope_cache
 from stepscore.export.graph import DecoderSpec, build_graph, fused_op_counts
 from stepscore.export.plain import derive_plain_graph
@@ -251,7 +251,11 @@ def export_model(
         if plan.decoder.head_dim % GQA_HEAD_MULTIPLE == 0:
             plain_path = derive_plain_graph(graph_path, work / PLAIN_GRAPH, plan.decoder.num_heads, plan.decoder.num_kv_heads)
         d = plan.decoder
-        cached_path = derive_cached_graph(graph_path, work / CACHED_GRAPH, d.num_heads, d.num_kv_heads, d.head_dim)
+        cached_op = "GroupQueryAttention" if d.head_dim % GQA_HEAD_MULTIPLE == 0 else "MultiHeadAttention"
+        if cached_op == "GroupQueryAttention":  # grouped K/V as they are, each row reading its own past only
+            cached_path = derive_cached_graph_gqa(graph_path, work / CACHED_GRAPH, d.num_heads, d.num_kv_heads)
+        else:
+            cached_path = derive_cached_graph(graph_path, work / CACHED_GRAPH, d.num_heads, d.num_kv_heads, d.head_dim)
         t = stage(2, "export", t)
 
         # 3. structure: the fused ops are there, once per layer
@@ -277,6 +281,10 @@ def export_model(
                 f"        no plain-row graph: GroupQueryAttention needs a head size that is a multiple of "
                 f"{GQA_HEAD_MULTIPLE} (this model's is {plan.decoder.head_dim}); every batch uses the tree graph"
             )
+        got = fused_op_counts(cached_path).get(cached_op, 0)
+        if got != layers:
+            raise ExportError(f"cached graph has {got} {cached_op} nodes, expected {layers}")
+        progress(f"        cached graph: {got} {cached_op}")
         t = stage(3, "structure", t)
 
         # 4. validate against the PyTorch reference, through the runtime's formatter and packer
@@ -338,6 +346,7 @@ def _manifest(
 ) -> Manifest:
     d: DecoderSpec = plan.decoder
     graph_path, plain_path, cached_path, data_path = graphs
+    gqa_cached = fused_op_counts(cached_path).get("GroupQueryAttention", 0) > 0
     from stepscore.export.graph import OPSET
 
     return Manifest(
@@ -369,6 +378,7 @@ def _manifest(
             },
             plain_file=plain_path.name if plain_path else None,
             cached_file=cached_path.name,
+            cached_attention="GroupQueryAttention" if gqa_cached else "MultiHeadAttention",
         ),
         tokenizer_file="tokenizer.json",
         validation=validation,

@@ -43,6 +43,7 @@ class KvBackend(Protocol):
     """A backend that also runs the cached graph (stepscore.export.cached), for the prefix cache."""
 
     kv_cache: bool  # the cached graph is loaded
+    past_padded: bool  # its attention pays for the batch's longest past in every row (PackOptions.past_padded)
 
     def run_cached(self, batch: PackedBatch) -> tuple[F32Array, npt.NDArray[Any]]:
         """Scores [B, K] and the new tokens' K/V [layers, 2, B, kv_heads, S, head_dim] for a batch laid out by
@@ -89,6 +90,7 @@ class OrtBackend:
         plain_graph_path: Path | None = None,
         cached_graph_path: Path | None = None,
         kv_shape: tuple[int, int, int] | None = None,  # (layers, kv_heads, head_dim), with cached_graph_path
+        cached_attention: str = "MultiHeadAttention",  # the cached graph's attention op (GraphSpec.cached_attention)
     ) -> None:
         ort = _import_ort()
         self._ort = ort
@@ -122,6 +124,7 @@ class OrtBackend:
         self.plain_rows = self.plain_session is not None
         self.cached_session = None
         self.kv_cache = cached_graph_path is not None
+        self.past_padded = cached_attention != "GroupQueryAttention"
         if cached_graph_path is not None:
             if kv_shape is None:
                 raise ConfigError("the cached graph needs kv_shape (layers, kv_heads, head_dim)")

@@ -265,6 +265,9 @@ class ModelSpec(Dimensions):
     num_parameters: int
 
 
+CACHED_ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention")
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     file: str
@@ -280,6 +283,9 @@ class GraphSpec:
     # The cached variant (cached_inputs/cached_outputs; stepscore.export.cached) the prefix cache runs
     # suffixes through, sharing `data_file`; None in bundles exported before it (no prefix cache then).
     cached_file: str | None = None
+    # The attention op of the cached graph: "GroupQueryAttention" reads each row's own past; older bundles and
+    # head sizes GroupQueryAttention refuses have "MultiHeadAttention" (pasts padded to the longest).
+    cached_attention: str = "MultiHeadAttention"
 
 
 @dataclass(frozen=True)
@@ -367,6 +373,7 @@ class Manifest:
                     fused_ops=dict(graph.get("fused_ops", {})),
                     plain_file=graph.get("plain_file"),
                     cached_file=graph.get("cached_file"),
+                    cached_attention=str(graph.get("cached_attention", "MultiHeadAttention")),
                 ),
                 tokenizer_file=obj["tokenizer"]["file"],
                 validation=dict(obj.get("validation", {})),
@@ -400,6 +407,10 @@ class Manifest:
         if self.graph.outputs != OUTPUTS:
             raise BundleError(
                 f"manifest graph.outputs {self.graph.outputs} are not the contract's {OUTPUTS}; re-export the model"
+            )
+        if self.graph.cached_attention not in CACHED_ATTENTION_OPS:
+            raise BundleError(
+                f"manifest graph.cached_attention {self.graph.cached_attention!r} is not one of {CACHED_ATTENTION_OPS}"
             )
         vocab = self.model.vocab_size
         named: list[tuple[str, int | None]] = [("head.tag_id", head.tag_id)]

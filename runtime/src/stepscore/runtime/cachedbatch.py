@@ -11,6 +11,7 @@ the cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -38,18 +39,27 @@ class Suffix(Formatted):
         return 0 if self.past is None else self.past.end
 
 
-# A past token costs a new token of its row about twice what attention to another new token costs: besides
-# the attention, MultiHeadAttention concatenates past and new K/V per query head (measured on the CPU EP,
-# benchmark model, 32 rows x 64 new tokens: a past of 1,200 tokens took the run from 0.59 s to 1.30 s).
-PAST_ATTENTION_WEIGHT = 2.0
+# What a past token costs a new token of its row, relative to attention to another new token. The
+# MultiHeadAttention graph repeats grouped K/V per query head and concatenates past and new K/V per layer:
+# about twice (CPU EP, benchmark model, 32 rows x 64 new tokens: a past of 1,200 tokens took the run from
+# 0.59 s to 1.30 s). GroupQueryAttention reads them as they are: about the same (8 rows x 64 new tokens, one
+# thread: a past of 1,200 added 92 ms to 89 ms, 150 ns a token pair, as among the new tokens).
+PAST_ATTENTION_WEIGHT = {True: 2.0, False: 1.0}  # by PackOptions.past_padded
+
+
+def _rows_cost(rows: int, seq: int, past_tokens: float, options: PackOptions) -> float:
+    """`rows` rows of `seq` new tokens attending to `past_tokens` past tokens in all (summed over the rows)."""
+    ac = options.attention_cost
+    return rows * seq * (1.0 + ac * seq) + PAST_ATTENTION_WEIGHT[options.past_padded] * ac * seq * past_tokens
 
 
 def layout_cost(batch: PackedBatch, options: PackOptions) -> float:
-    """The packer's cost of a cached-graph batch: rows x length, attention to the row and (padded) past."""
+    """The packer's cost of a cached-graph batch: rows x length, attention to the row and to the past (each
+    row's own, or the longest for every row when pasts are padded)."""
     rows, seq = batch.shape
-    ac = options.attention_cost
-    past = int(batch.past_len.max()) if batch.past_len is not None and rows else 0
-    return rows * seq * (1.0 + ac * seq + PAST_ATTENTION_WEIGHT * ac * past)
+    pasts = batch.past_len if batch.past_len is not None and rows else np.zeros(rows, np.int64)
+    past = float(rows * pasts.max()) if options.past_padded and rows else float(pasts.sum())
+    return _rows_cost(rows, seq, past, options)
 
 
 def pack_cached(
@@ -139,19 +149,26 @@ def _pack_from(
     """Rows continuing `bases[i]` for item i, one base per row (items of one base share their common tokens
     in tree rows); each item returns the reads of its own suffix only. `past_len` is set, the pasts themselves
     are not (_with_pasts copies them, for the layout chosen only)."""
-    groups: dict[int, list[int]] = {}
+    groups: dict[int, list[int]] = {}  # in order of first appearance: item 0's group first
     for i, base in enumerate(bases):
         groups.setdefault(id(base), []).append(i)
     laid = [relative(item, base, cache) for item, base in zip(items, bases, strict=True)]
-    subs: list[tuple[list[int], PackedBatch]] = []
-    rows = seq = 0
     leftover: list[int] = []
+    laid_out: list[tuple[list[int], PackedBatch]] = []
     for group in groups.values():
         sub = pack([laid[i][0] for i in group], tree_only, None, pad_id)
         # a group of mixed lengths may run one length class now (PackOptions.run_overhead): the rest waits
         leftover.extend(group[j] for j in sub.leftover)
         left = set(sub.leftover)
-        members = [i if j not in left else -1 for j, i in enumerate(group)]
+        laid_out.append(([i if j not in left else -1 for j, i in enumerate(group)], sub))
+    if tree_only.run_overhead is not None and len(laid_out) > 1:
+        pasts = [_end(bases[group_start(members)]) for members, _ in laid_out]
+        now = _head_class([sub.shape for _, sub in laid_out], pasts, tree_only)
+        leftover.extend(i for k, (members, _) in enumerate(laid_out) if k not in now for i in members if i >= 0)
+        laid_out = [laid_out[k] for k in sorted(now)]
+    subs: list[tuple[list[int], PackedBatch]] = []
+    rows = seq = 0
+    for members, sub in laid_out:
         b, s = sub.shape
         longer = max(seq, s)
         if subs and max_tokens is not None and (rows + b) * longer > max_tokens:
@@ -202,6 +219,40 @@ def _pack_from(
         past_len=past_len,
         item_base=list(bases),
     )
+
+
+def _head_class(shapes: Sequence[tuple[int, int]], pasts: Sequence[int], options: PackOptions) -> set[int]:
+    """The groups to run now: the length class of group 0 (the one holding the oldest item) in a partition of
+    the groups, sorted by row length, into contiguous classes of least estimated cost (one run each: its
+    overhead, every row padded to the class's longest, attention to the pasts). The rest waits for the next
+    run. Without it a one-step suffix would be padded to the length of another row's whole uncached chain."""
+    assert options.run_overhead is not None
+    by_len = sorted(range(len(shapes)), key=lambda g: -shapes[g][1])
+    n = len(by_len)
+    best = [0.0] + [math.inf] * n  # best[i]: least cost of the i longest groups
+    cut = [0] * (n + 1)  # where the last class of that partition starts
+    for i in range(1, n + 1):
+        rows = 0
+        past = longest_past = 0.0
+        for j in range(i - 1, -1, -1):  # the class by_len[j:i], its longest row first
+            b, _ = shapes[by_len[j]]
+            rows += b
+            past += b * pasts[by_len[j]]
+            longest_past = max(longest_past, pasts[by_len[j]])
+            seq = shapes[by_len[j]][1]
+            cost = _rows_cost(rows, seq, rows * longest_past if options.past_padded else past, options)
+            cost += best[j] + options.run_overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    head = by_len.index(0)
+    end = n
+    while cut[end] > head:
+        end = cut[end]
+    return set(by_len[cut[end] : end])
+
+
+def _end(node: Node | None) -> int:
+    return 0 if node is None else node.end
 
 
 def group_start(members: Sequence[int]) -> int:

@@ -230,6 +230,7 @@ class Engine:
                 plain_graph_path=plain,
                 cached_graph_path=cached,
                 kv_shape=(m.num_layers, m.num_kv_heads, m.head_dim),
+                cached_attention=bundle.manifest.graph.cached_attention,
             )
             backend.warmup()
             backends.append(backend)

@@ -57,6 +57,10 @@ class PackOptions:
     # over for the next run): one rectangular run would pad the short ones or pack them into long rows,
     # where attention costs every token the whole row. None: one run for the whole batch.
     run_overhead: float | None = None
+    # How the cached graph (stepscore.runtime.cachedbatch) attends to the prefix cache's K/V: True when every
+    # row pays for the longest past of its batch (MultiHeadAttention: pasts padded to one length and masked),
+    # False when each row reads only its own past (GroupQueryAttention with per-row lengths).
+    past_padded: bool = True
 
 
 @dataclass(frozen=True)

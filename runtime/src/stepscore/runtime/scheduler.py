@@ -97,6 +97,7 @@ class Scheduler:
             attention_cost=max(0.0, config.attention_cost),
             plain_cost=_plain_cost(config, self._backends),
             run_overhead=_run_overhead(config, self._backends),
+            past_padded=any(b.past_padded for b in self._backends if isinstance(b, KvBackend)),
         )
         self.core = SchedulingCore(
             CoreConfig(
