@@ -183,7 +183,7 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=192, help="step-by-step calls per pass")
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--cache-mb", type=int, default=64)
     p.add_argument("--ort-arena", choices=("default", "on", "off"), default="default")
     p.add_argument("--mem-pattern", choices=("default", "on", "off"), default="default")
