@@ -573,39 +573,30 @@ Targets: step-by-step >= 4x vs off; beam >= 2x vs sharing only; Best-of-N >= 0.9
     write_section("cache", body)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024.0
-
-
 async def _cache_memory(bundle: Path, args: argparse.Namespace) -> str:
-    """A long run against a small budget: the step-by-step workload three times over, evicting all along, the
-    process's resident memory sampled before the engine starts, after its warm-up and at the end."""
-    from stepscore.runtime.bench import EngineSystem, closed_loop, load_workload, warm_up
-    from stepscore.runtime.config import EngineConfig
-
-    budget_mb = 64
-    wl = load_workload("step-by-step", SHARED / "data", limit=(args.requests or 24) * 8)
-    before = _rss_mb()
-    system = EngineSystem(bundle, config=EngineConfig(intra_op_threads=args.threads, cache_bytes=budget_mb << 20))
-    await system.setup()
-    try:
-        await warm_up(system, wl.requests, count=4)
-        warm = _rss_mb()
-        for _ in range(3):
-            await closed_loop(system, wl.requests, 16, workload=wl.name)
-        end = _rss_mb()
-        cache = system.engine.cache
-        held, evictions = cache.stats.bytes / 2**20, cache.stats.evictions
-    finally:
-        await system.close()
-    log(f"  memory: before {before:.0f} MB, warm {warm:.0f} MB, end {end:.0f} MB, cache {held:.1f} MB, {evictions} evictions")
+    """A long run against a small budget: the step-by-step workload three times over, evicting all along, in a
+    fresh process (benchmarks.memory_probe), so that this process's earlier sections do not count: resident
+    memory before the engine starts, after its warm-up and at the end."""
+    budget_mb, passes = 64, 3
+    cmd = [sys.executable, "-m", "benchmarks.memory_probe", str(bundle), "--data", str(SHARED / "data")]
+    cmd += ["--limit", str((args.requests or 24) * 8), "--passes", str(passes), "--cache-mb", str(budget_mb)]
+    cmd += ["--threads", str(args.threads)]
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    lines = out.decode().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("MEMORY "):
+        raise SystemExit(f"memory probe failed (exit {proc.returncode}): {' '.join(cmd)}")
+    for line in lines[:-1]:
+        log("  " + line)
+    m = json.loads(lines[-1].removeprefix("MEMORY "))
+    before, warm, end = m["before"], m["warm"], m["end"]
+    calls = passes * m["calls"]
     return (
-        f"Memory under a long run (the step-by-step workload three times, {3 * len(wl.requests)} calls, cache budget "
-        f"{budget_mb} MiB): resident memory of the benchmark process {before:,.0f} MB before the engine, "
-        f"{warm:,.0f} MB after its warm-up (model loaded), {end:,.0f} MB at the end with the cache holding "
-        f"{held:.1f} MiB after {evictions:,} evictions: growth after warm-up {end - warm:,.0f} MB for a "
-        f"{budget_mb} MiB budget (target: within the budget + 10% of model and budget)."
+        f"Memory under a long run (the step-by-step workload {passes} times, {calls} calls, cache budget "
+        f"{budget_mb} MiB, the engine alone in a fresh process: `python -m benchmarks.memory_probe`): resident memory "
+        f"{before:,.0f} MB before the engine, {warm:,.0f} MB after its warm-up (model loaded), {end:,.0f} MB at the "
+        f"end with the cache holding {m['cache_mib']:.1f} MiB after {m['evictions']:,} evictions: growth after warm-up "
+        f"{end - warm:,.0f} MB for a {budget_mb} MiB budget (target: within the budget + 10% of model and budget)."
     )
 
 
