@@ -22,6 +22,7 @@ it reuses the tree graph's initializers and external data file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,26 +80,12 @@ def derive_cached_graph(tree_path: Path, out_path: Path, num_heads: int, num_kv_
     past_bias = add("Expand", [past_bias, full_shape], "/cached/past_bias")
     bias = add("Concat", [past_bias, _BIAS], "/cached/attn_bias", axis=3)  # [B, 1, S, P + S]
 
-    def unrepeated(name: str) -> str:
-        # The tree graph repeats grouped K/V heads (Reshape -> Expand -> Reshape); the cache keeps them as is.
-        node = by_output[name]
-        if node.op_type == "Reshape" and by_output.get(node.input[0]) is not None:
-            expand = by_output[node.input[0]]
-            if expand.op_type == "Expand":
-                return str(by_output[expand.input[0]].input[0])
-        return name
-
     rewritten: dict[int, onnx.NodeProto] = {}
     for layer, mha in enumerate(mha_nodes):
         prefix = mha.name.rsplit("/", 1)[0]
         past_kv: list[str] = []
         for which, source in (("key", mha.input[1]), ("value", mha.input[2])):
-            new = add("Reshape", [unrepeated(source), "/cached/new_shape4"], f"{prefix}/{which}_bnsh_shape")
-            nodes.append(
-                helper.make_node(
-                    "Transpose", [new], [f"present_{which}.{layer}"], name=f"{prefix}/present_{which}", perm=[0, 2, 1, 3]
-                )
-            )
+            nodes.append(_present(add, _unrepeated(by_output, source), which, layer, prefix))
             past = f"past_{which}.{layer}"
             if group > 1:
                 past = add("Reshape", [past, "/cached/past_shape5"], f"{prefix}/past_{which}_split")
@@ -200,25 +187,12 @@ def derive_cached_graph_gqa(tree_path: Path, out_path: Path, num_heads: int, num
     in_past = add("Less", [rel, "/cached/zero"], "/cached/in_past")
     bias = add("Where", [in_past, "/mask/zero_f", shifted], "/cached/attn_bias")  # [B, 1, S, Tmax]
 
-    def rotated(name: str) -> str:
-        node = by_output[name]
-        if node.op_type == "Reshape" and by_output.get(node.input[0]) is not None:
-            expand = by_output[node.input[0]]
-            if expand.op_type == "Expand":
-                return str(by_output[expand.input[0]].input[0])
-        return name
-
     rewritten: dict[int, onnx.NodeProto] = {}
     for layer, mha in enumerate(mha_nodes):
         prefix = mha.name.rsplit("/", 1)[0]
-        kv = [rotated(mha.input[1]), rotated(mha.input[2])]
+        kv = [_unrepeated(by_output, mha.input[1]), _unrepeated(by_output, mha.input[2])]
         for which, source in zip(("key", "value"), kv, strict=True):
-            new = add("Reshape", [source, "/cached/new_shape4"], f"{prefix}/{which}_bnsh_shape")
-            nodes.append(
-                helper.make_node(
-                    "Transpose", [new], [f"present_{which}.{layer}"], name=f"{prefix}/present_{which}", perm=[0, 2, 1, 3]
-                )
-            )
+            nodes.append(_present(add, source, which, layer, prefix))
         attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
         gqa_inputs = [mha.input[0], kv[0], kv[1], f"past_key.{layer}", f"past_value.{layer}", seqlens_k, total_len]
         gqa_inputs += ["", "", "", bias, "", "", "", "", "", q_lens]  # cos, sin, position_ids, bias, ..., query_seqlens
@@ -234,7 +208,6 @@ def derive_cached_graph_gqa(tree_path: Path, out_path: Path, num_heads: int, num
         )
 
     body = _topological([rewritten.get(id(node), node) for node in graph.node] + nodes, graph, constants)
-    used = {name for node in body for name in node.input}
     body = _live(body, set(OUTPUTS) | set(out_names))
     inputs = {i.name: i for i in graph.input}
     past_shape: list[str | int | None] = ["batch", num_kv_heads, "past", None]
@@ -249,6 +222,25 @@ def derive_cached_graph_gqa(tree_path: Path, out_path: Path, num_heads: int, num
     cached.ir_version = model.ir_version
     onnx.save_model(cached, str(out_path))
     return out_path
+
+
+def _unrepeated(by_output: dict[str, onnx.NodeProto], name: str) -> str:
+    """The K or V before the tree graph repeated its grouped heads for MultiHeadAttention (Reshape -> Expand ->
+    Reshape): the cache keeps grouped heads as they are."""
+    node = by_output[name]
+    if node.op_type == "Reshape" and by_output.get(node.input[0]) is not None:
+        expand = by_output[node.input[0]]
+        if expand.op_type == "Expand":
+            return str(by_output[expand.input[0]].input[0])
+    return name
+
+
+def _present(add: Callable[..., str], source: str, which: str, layer: int, prefix: str) -> onnx.NodeProto:
+    """The output present_{which}.{layer} [B, kv_heads, S, head_dim]: the new tokens' K (rotated) or V."""
+    new = add("Reshape", [source, "/cached/new_shape4"], f"{prefix}/{which}_bnsh_shape")
+    return helper.make_node(
+        "Transpose", [new], [f"present_{which}.{layer}"], name=f"{prefix}/present_{which}", perm=[0, 2, 1, 3]
+    )
 
 
 def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
