@@ -40,14 +40,8 @@ _BIAS = "/mask/attn_bias/output_0"  # the tree graph's [B, 1, S, S] bias (graph.
 def derive_cached_graph(tree_path: Path, out_path: Path, num_heads: int, num_kv_heads: int, head_dim: int) -> Path:
     """Write the cached variant of the tree graph at `tree_path` to `out_path` (same directory: the external
     data reference, if any, resolves to the same file)."""
-    if tree_path.parent != out_path.parent:
-        raise ValueError("the cached graph must sit next to the tree graph: they share the external data file")
-    model = onnx.load(str(tree_path), load_external_data=False)
+    model, by_output, mha_nodes = _tree_graph(tree_path, out_path)
     graph = model.graph
-    by_output: dict[str, onnx.NodeProto] = {out: node for node in graph.node for out in node.output}
-    mha_nodes = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
-    if not mha_nodes or _BIAS not in by_output:
-        raise ExportError(f"{tree_path}: no MultiHeadAttention with the tree bias to rewrite")
     layers = len(mha_nodes)
     in_names, out_names = cached_inputs(layers), cached_outputs(layers)
     group = num_heads // num_kv_heads
@@ -126,14 +120,8 @@ def derive_cached_graph_gqa(tree_path: Path, out_path: Path, num_heads: int, num
     they are, takes each row's past length itself (`query_seqlens`: row b's chunk continues its own past,
     however long the others are) and indexes the bias by absolute key position. Needs a head size that is a
     multiple of 16 on the CPU (pipeline.GQA_HEAD_MULTIPLE)."""
-    if tree_path.parent != out_path.parent:
-        raise ValueError("the cached graph must sit next to the tree graph: they share the external data file")
-    model = onnx.load(str(tree_path), load_external_data=False)
+    model, by_output, mha_nodes = _tree_graph(tree_path, out_path)
     graph = model.graph
-    by_output: dict[str, onnx.NodeProto] = {out: node for node in graph.node for out in node.output}
-    mha_nodes = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
-    if not mha_nodes or _BIAS not in by_output:
-        raise ExportError(f"{tree_path}: no MultiHeadAttention with the tree bias to rewrite")
     layers = len(mha_nodes)
     in_names, out_names = cached_inputs(layers), cached_outputs(layers)
     elem = next(t.data_type for t in graph.initializer if t.name == "/mask/neg_f")
@@ -222,6 +210,18 @@ def derive_cached_graph_gqa(tree_path: Path, out_path: Path, num_heads: int, num
     cached.ir_version = model.ir_version
     onnx.save_model(cached, str(out_path))
     return out_path
+
+
+def _tree_graph(tree_path: Path, out_path: Path) -> tuple[onnx.ModelProto, dict[str, onnx.NodeProto], list[onnx.NodeProto]]:
+    """The tree graph to rewrite (weights left in their file), each value's producer, its attention nodes."""
+    if tree_path.parent != out_path.parent:
+        raise ValueError("the cached graph must sit next to the tree graph: they share the external data file")
+    model = onnx.load(str(tree_path), load_external_data=False)
+    by_output: dict[str, onnx.NodeProto] = {out: node for node in model.graph.node for out in node.output}
+    mha_nodes = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    if not mha_nodes or _BIAS not in by_output:
+        raise ExportError(f"{tree_path}: no MultiHeadAttention with the tree bias to rewrite")
+    return model, by_output, mha_nodes
 
 
 def _unrepeated(by_output: dict[str, onnx.NodeProto], name: str) -> str:
