@@ -305,7 +305,9 @@ def export_model(
         files = ["tokenizer.json", graph_path.name, cached_path.name]
         files += [p.name for p in (plain_path, data_path) if p is not None]
         graphs = (graph_path, plain_path, cached_path, data_path)
-        manifest = _manifest(model, model_dir, plan, precision, graphs, n_params, ops, validation, hash_files(work, files))
+        manifest = _manifest(
+            model, model_dir, plan, precision, graphs, n_params, ops, validation, hash_files(work, files), cached_op
+        )
         write_manifest(work, manifest)
         publish(work, out)
     seconds = time.perf_counter() - start
@@ -343,10 +345,10 @@ def _manifest(
     ops: dict[str, int],
     validation: dict[str, object],
     files: dict[str, FileEntry],
+    cached_attention: str,  # the cached graph's attention op (checked in the structure stage)
 ) -> Manifest:
     d: DecoderSpec = plan.decoder
     graph_path, plain_path, cached_path, data_path = graphs
-    gqa_cached = fused_op_counts(cached_path).get("GroupQueryAttention", 0) > 0
     from stepscore.export.graph import OPSET
 
     return Manifest(
@@ -378,7 +380,7 @@ def _manifest(
             },
             plain_file=plain_path.name if plain_path else None,
             cached_file=cached_path.name,
-            cached_attention="GroupQueryAttention" if gqa_cached else "MultiHeadAttention",
+            cached_attention=cached_attention,
         ),
         tokenizer_file="tokenizer.json",
         validation=validation,

@@ -6,6 +6,7 @@ device-specific (execution provider, IO binding, buffer reuse) stays behind this
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -13,7 +14,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -251,9 +252,7 @@ class OrtBackend:
                 INPUTS[2]: batch.attn_end,
                 INPUTS[3]: batch.step_positions,
             }
-        with self._lock:  # one run per session at a time; the scheduler already guarantees it
-            release = self._release is not None and self._release.due()
-            options = self._shrink_options if release else None
+        with self._lock, self._run_options() as options:  # one run per session at a time (the scheduler's rule too)
             if not self._io_binding:
                 out = session.run(list(OUTPUTS), feeds, options)[0]
                 scores = np.asarray(out, dtype=np.float32)
@@ -269,9 +268,6 @@ class OrtBackend:
                 session.run_with_iobinding(binding, options)
                 scores = np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
                 del binding
-            if release:
-                assert self._release is not None
-                self._release.released()
             return scores
 
     def run_cached(self, batch: PackedBatch) -> tuple[F32Array, npt.NDArray[Any]]:
@@ -293,16 +289,21 @@ class OrtBackend:
         names = cached_inputs(layers)[len(INPUTS) + 1 :]
         for n, name in enumerate(names):
             feeds[name] = np.ascontiguousarray(past[n // 2, n % 2])
-        with self._lock:
-            release = self._release is not None and self._release.due()
-            outs = self.cached_session.run(None, feeds, self._shrink_options if release else None)
+        with self._lock, self._run_options() as options:
+            outs = self.cached_session.run(None, feeds, options)
             scores = np.asarray(outs[0], dtype=np.float32)
             present = np.stack(outs[1:]).reshape(layers, 2, *outs[1].shape)
             del outs, feeds  # the per-layer outputs and the past's copies: freed before the trim
-            if release:
-                assert self._release is not None
-                self._release.released()
         return scores, present
+
+    @contextlib.contextmanager
+    def _run_options(self) -> Iterator[Any]:
+        """The run options of the next run: those that shrink the arena when a release is due (MemoryRelease),
+        which then trims the heap once the run's own arrays are freed (the end of the with block)."""
+        release = self._release if self._release is not None and self._release.due() else None
+        yield self._shrink_options if release is not None else None
+        if release is not None:
+            release.released()
 
     def _device_buffer(self, name: str, array: npt.NDArray[Any]) -> Any:
         key = (name, tuple(array.shape))
