@@ -267,3 +267,47 @@ def test_a_one_step_suffix_is_not_padded_to_a_whole_uncached_chain() -> None:
     own = layout_cost(mixed, PackOptions(attention_cost=1e-3, past_padded=False))
     padded = layout_cost(mixed, PackOptions(attention_cost=1e-3, past_padded=True))
     assert padded - own == pytest.approx(2.0 * 1e-3 * 304 * 400 - 1e-3 * 304 * 200)
+
+
+def test_suffix_kv_cuts_an_item_out_of_the_per_layer_outputs_and_only_what_the_cache_lacks() -> None:
+    """Two candidates sharing a two-step prefix lie in one tree row. Each one's K/V comes out of the per-layer
+    outputs at its own token positions; the second one's insert asks only for its own last segment, the
+    shared prefix being cached already by the first."""
+    from stepscore.runtime.cachedbatch import Suffix, pack_cached, suffix_kv
+    from stepscore.runtime.packing import PackOptions
+    from stepscore.runtime.prefixcache import KvArray, PrefixCache
+
+    cache = PrefixCache(1 << 30)
+    shared = np.arange(1, 31, dtype=np.int32)  # two segments of 15 tokens
+    items = [
+        Suffix(np.concatenate([shared, np.array([40 + k] * 4, np.int32)]), np.array([14, 29, 33], np.int32)) for k in range(2)
+    ]
+    batch = pack_cached(items, cache, PackOptions(row_tokens=64))
+    assert batch.shape[0] == 1 and batch.item_tokens is not None  # one tree row: the prefix laid out once
+    rows, seq = batch.shape
+    layers, heads, dim = 2, 3, 4
+    # each value codes (output n, head, position in the row), so that every cut can be checked by hand
+    present = [
+        np.broadcast_to(
+            100_000 * n + 1000 * np.arange(heads)[:, None, None] + np.arange(seq)[None, :, None], (rows, heads, seq, dim)
+        ).astype(np.float32)
+        for n in range(2 * layers)
+    ]
+    asked: list[tuple[int, int]] = []
+    for k, item in enumerate(items):
+        cut = suffix_kv(present, batch, k)
+        positions = batch.item_tokens[k] % seq
+        whole = cut(0, len(item.ids))
+        assert whole.shape == (layers, 2, heads, len(item.ids), dim)
+        for n in range(2 * layers):
+            np.testing.assert_array_equal(whole[n // 2, n % 2], present[n][0][:, positions])
+
+        def counting(start: int, end: int, cut: Callable[[int, int], KvArray] = cut) -> KvArray:
+            asked.append((start, end))
+            return cut(start, end)
+
+        cache.insert(cache.root, item.ids, item.reads, counting, [0.1, 0.2, 0.3 + k])
+    assert asked == [(0, 15), (15, 30), (30, 34), (30, 34)]  # the shared segments were copied once
+    m = cache.match(items[1])
+    np.testing.assert_array_equal(cache.past(m.node), suffix_kv(present, batch, 1)(0, 34))
+    cache.release(m.node)

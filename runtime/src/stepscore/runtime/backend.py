@@ -29,6 +29,8 @@ from stepscore.runtime.packing import PackedBatch
 log = logging.getLogger(__name__)
 
 F32Array = npt.NDArray[np.float32]
+# The cached graph's K/V outputs for a batch: one [B, kv_heads, S, head_dim] array per layer and per K and V.
+Present = list[npt.NDArray[Any]]
 
 
 class Backend(Protocol):
@@ -51,8 +53,9 @@ class KvBackend(Protocol):
     kv_cache: bool  # the cached graph is loaded
     past_padded: bool  # its attention pays for the batch's longest past in every row (PackOptions.past_padded)
 
-    def run_cached(self, batch: PackedBatch) -> tuple[F32Array, npt.NDArray[Any]]:
-        """Scores [B, K] and the new tokens' K/V [layers, 2, B, kv_heads, S, head_dim] for a batch laid out by
+    def run_cached(self, batch: PackedBatch) -> tuple[F32Array, Present]:
+        """Scores [B, K] and the new tokens' K/V, one [B, kv_heads, S, head_dim] array per layer and per K and
+        V (present_key.0, present_value.0, present_key.1, ...), for a batch laid out by
         stepscore.runtime.cachedbatch.pack_cached."""
         ...
 
@@ -270,7 +273,7 @@ class OrtBackend:
                 del binding
             return scores
 
-    def run_cached(self, batch: PackedBatch) -> tuple[F32Array, npt.NDArray[Any]]:
+    def run_cached(self, batch: PackedBatch) -> tuple[F32Array, Present]:
         if self.cached_session is None:
             raise ConfigError("this backend has no cached graph (the bundle predates it, or the cache is off)")
         assert batch.past_len is not None
@@ -292,8 +295,10 @@ class OrtBackend:
         with self._lock, self._run_options() as options:
             outs = self.cached_session.run(None, feeds, options)
             scores = np.asarray(outs[0], dtype=np.float32)
-            present = np.stack(outs[1:]).reshape(layers, 2, *outs[1].shape)
-            del outs, feeds  # the per-layer outputs and the past's copies: freed before the trim
+            # kept per layer, as onnxruntime returned them: stacking them would copy every token's K/V once more,
+            # though the cache copies only the segments it does not hold (cachedbatch.suffix_kv)
+            present: Present = outs[1:]
+            del outs, feeds  # the past's copies: freed before the trim
         return scores, present
 
     @contextlib.contextmanager

@@ -12,13 +12,13 @@ the cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
-from stepscore.runtime.backend import KvBackend
+from stepscore.runtime.backend import KvBackend, Present
 from stepscore.runtime.packing import PackedBatch, PackOptions, pack
 from stepscore.runtime.prefixcache import KvArray, Node, PrefixCache
 from stepscore.runtime.types import Formatted
@@ -275,14 +275,27 @@ def _stack_pasts(pasts: Sequence[tuple[slice, KvArray | None]], rows: int) -> Kv
     return out
 
 
-def suffix_kv(present: KvArray, batch: PackedBatch, index: int) -> KvArray:
-    """Item `index`'s K/V [layers, 2, kv_heads, tokens, D] from the batch's present [layers, 2, B, kv, S, D]:
-    every token it has in the batch (from the end of its base)."""
+def suffix_kv(present: Present, batch: PackedBatch, index: int) -> Callable[[int, int], KvArray]:
+    """Item `index`'s K/V as the prefix cache takes it (PrefixCache.insert): a function of a token range of
+    the item (counted from the end of its base) returning [layers, 2, kv_heads, end - start, D], cut out of
+    the batch's per-layer outputs [B, kv_heads, S, D]. Only the segments the cache does not hold are asked
+    for: candidates sharing a prefix in one tree row copy it once, not once each."""
     assert batch.item_tokens is not None
     _, s = batch.shape
     flat = batch.item_tokens[index]
     row = int(flat[0]) // s
-    return np.ascontiguousarray(present[:, :, row][:, :, :, flat - row * s])
+    cols = flat - row * s
+    layers = len(present) // 2
+
+    def cut(start: int, end: int) -> KvArray:
+        first = present[0]
+        out = np.empty((layers, 2, first.shape[1], end - start, first.shape[3]), dtype=first.dtype)
+        for n, array in enumerate(present):
+            # mode="clip": the indices are in range, and the default ("raise") would copy through a buffer
+            np.take(array[row], cols[start:end], axis=1, out=out[n // 2, n % 2], mode="clip")
+        return out
+
+    return cut
 
 
 def empty_past(layers: int, heads: int, dim: int, rows: int, dtype: npt.DTypeLike) -> KvArray:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,9 @@ import numpy.typing as npt
 from stepscore.runtime.types import Formatted, IntArray
 
 KvArray = npt.NDArray[np.generic]  # [layers, 2, kv_heads, tokens, head_dim], the graph's dtype
+# A suffix's K/V as `insert` takes it: the array, or a function returning its tokens [start, end) as one
+# (stepscore.runtime.cachedbatch.suffix_kv cuts them out of a batch's outputs only for segments not cached yet).
+KvSource = KvArray | Callable[[int, int], KvArray]
 
 
 @dataclass(eq=False)
@@ -174,10 +177,11 @@ class PrefixCache:
     # -- inserts --------------------------------------------------------------------------------
 
     def insert(
-        self, parent: Node, ids: IntArray, reads: IntArray, kv: KvArray, scores: Sequence[float], search_id: str = ""
+        self, parent: Node, ids: IntArray, reads: IntArray, kv: KvSource, scores: Sequence[float], search_id: str = ""
     ) -> int:
         """Cache the segments of a suffix computed below `parent` (locked by the caller): `ids` and `reads`
-        relative to the suffix, `kv` its K/V [layers, 2, kv, len(ids), D], `scores` its reads' scores.
+        relative to the suffix, `kv` its K/V [layers, 2, kv, len(ids), D] (or a function of a token range
+        returning that range's, asked only for the segments not cached yet), `scores` its reads' scores.
         Returns the number of segments added."""
         added, start = 0, 0
         with self._lock:
@@ -186,7 +190,7 @@ class PrefixCache:
                 key = _key(ids[start:end])
                 child = node.children.get(key)
                 if child is None:
-                    segment_kv = np.ascontiguousarray(kv[:, :, :, start:end])
+                    segment_kv = kv(start, end) if callable(kv) else np.ascontiguousarray(kv[:, :, :, start:end])
                     if not self._make_room(int(segment_kv.nbytes), keep=node):
                         self.stats.skipped += 1
                         break

@@ -17,13 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ConfigError, Unavailable, report_internal
-from stepscore.runtime.backend import Backend, KvBackend
+from stepscore.runtime.backend import Backend, KvBackend, Present
 from stepscore.runtime.cachedbatch import Suffix, pack_cached, relative, suffix_kv
 from stepscore.runtime.config import EngineConfig, default_plain_cost, default_run_overhead
 from stepscore.runtime.core import CoreConfig, Outcome, Permit, Plan, Request, SchedulingCore, Scores
@@ -294,7 +293,7 @@ class Scheduler:
             task.add_done_callback(self._finishing.discard)
 
     async def _remember_then_complete(
-        self, prepared: _Prepared, present: npt.NDArray[Any], values: Sequence[npt.NDArray[np.float32]], elapsed: float
+        self, prepared: _Prepared, present: Present, values: Sequence[npt.NDArray[np.float32]], elapsed: float
     ) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._prep_pool, self._remember, prepared, present, values)
@@ -302,7 +301,7 @@ class Scheduler:
             report_internal(log, exc, "caching a batch's K/V failed")
         self._deliver(self.core.complete(prepared.plan, values, elapsed))
 
-    def _remember(self, prepared: _Prepared, present: npt.NDArray[Any], values: Sequence[npt.NDArray[np.float32]]) -> None:
+    def _remember(self, prepared: _Prepared, present: Present, values: Sequence[npt.NDArray[np.float32]]) -> None:
         """Put the suffixes just computed into the prefix cache (before their requests complete and release
         the nodes they continue)."""
         assert self._cache is not None
