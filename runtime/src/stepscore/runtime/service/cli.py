@@ -19,6 +19,8 @@ from stepscore.runtime.flags import (
 )
 from stepscore.runtime.service.config import ServerConfig
 
+SWITCH_INTERVAL_S = 0.0005  # see run_serve
+
 
 def _path(raw: str) -> Path | None:
     return Path(raw) if raw else None
@@ -107,6 +109,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from stepscore.runtime.service.server import Server
 
     config = server_config(args)  # refuse bad settings before loading anything
+    # The event loop answers every call (refusals included) but shares the GIL with the packing and tokenizer
+    # threads; with Python's default switch interval (5 ms) a call waits up to that for each of its few turns.
+    # This process is the server's own, so it may set it: refusals under a storm measured p99 <= 25 ms at 5 ms,
+    # <= 10 ms at 0.5 ms (histogram bounds, docs/reliability.md).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     async def main() -> None:
         engine = Engine.from_bundle(bundle_path(args.bundle), args.device, engine_config(args), engine_devices(args))

@@ -22,7 +22,7 @@ from stepscore.runtime.types import ScoreResult
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # refusals take well under a millisecond: the call histogram resolves them
-_CALL_LATENCY = (0.0001, 0.00025, 0.0005, *_LATENCY)
+_CALL_LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, *_LATENCY[3:])
 
 
 class _QuietHandler(WSGIRequestHandler):
