@@ -5,7 +5,7 @@
     python -m benchmarks.reliability storm             # refusal latency while the queue is full and clients keep calling
     python -m benchmarks.reliability big               # a 15 MiB problem: time to refuse it, another client meanwhile
     python -m benchmarks.reliability deadline          # a request at the size limits with a 100 ms deadline: CPU after it
-    python -m benchmarks.reliability soak --minutes 30 # mixed traffic; RSS slope after warm-up
+    python -m benchmarks.reliability soak --minutes 30 # mixed traffic; RSS slope once both caches are full
 
 Each prints one JSON object with its figures (and appends it to --out when given). The server is the real
 `stepscore serve` in its own process (tests/helpers/server.py), serving a small Qwen2-shaped PRM with random
@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -568,48 +568,105 @@ def attack_soak(args: argparse.Namespace) -> None:
         ch.close()
 
     mport = free_port()
-    with serve(bundle(), "--metrics-port", str(mport), *args.server_args) as server:
+    # both caches' budgets given, not left to the server's defaults: the prefix cache's default is an eighth of the
+    # memory available at start-up (~2.9 GB on a 24 GB machine), and while a cache fills RSS follows it: the slope
+    # would measure the cache filling, not a leak. The warm-up waits for both; the slope of RSS minus the caches
+    # is reported beside RSS's
+    budgets = ["--text-cache-mb", str(args.text_cache_mb), "--cache-mb", str(args.prefix_cache_mb)]
+    with serve(bundle(), "--metrics-port", str(mport), *budgets, *args.server_args) as server:
         pid = server.proc.pid
+        # the budgets the server reports (flags after `--` may have replaced the soak's)
+        prefix_budget = read_metric(mport, "stepscore_prefix_cache_budget_bytes") / (1 << 20)
         threads = [threading.Thread(target=unary_client, args=(server.target, s)) for s in (1, 2)]
         threads.append(threading.Thread(target=stream_client, args=(server.target, 3)))
         for t in threads:
             t.start()
-        samples: list[tuple[float, float]] = []
-        cache_full_at = float("inf")  # warm-up lasts until the text cache first reaches 95% of its budget
+        samples: list[Sample] = []
+        # warm-up lasts until each cache first reaches 95% of its budget: until then RSS grows by what they take
+        text_full_at = prefix_full_at = float("inf")
         started = time.monotonic()
         try:
             while (elapsed := time.monotonic() - started) < args.minutes * 60:
-                samples.append((elapsed / 60.0, rss_mb(pid)))
-                cache = read_metric(mport, "stepscore_text_cache_bytes") / (1 << 20)
-                if cache >= 0.95 * args.cache_mb and cache_full_at == float("inf"):
-                    cache_full_at = elapsed / 60.0
-                log(f"soak {elapsed / 60:5.1f} min  rss {samples[-1][1]:7.1f} MB  cache {cache:5.1f} MB  {counts}")
+                minute = elapsed / 60.0
+                text = read_metric(mport, "stepscore_text_cache_bytes") / (1 << 20)
+                prefix = read_metric(mport, "stepscore_prefix_cache_bytes") / (1 << 20)
+                entries = read_metric(mport, "stepscore_prefix_cache_entries")
+                samples.append(Sample(minute, rss_mb(pid), text, prefix, int(entries)))
+                if text >= 0.95 * args.text_cache_mb and text_full_at == float("inf"):
+                    text_full_at = minute
+                if prefix >= 0.95 * prefix_budget and prefix_full_at == float("inf"):
+                    prefix_full_at = minute
+                log(
+                    f"soak {minute:5.1f} min  rss {samples[-1].rss:7.1f} MB  text cache {text:5.1f} MB  "
+                    f"prefix cache {prefix:6.1f} MB  {counts}"
+                )
                 time.sleep(10.0)
+            evictions = read_metric(mport, "stepscore_prefix_cache_evictions_total")  # a counter: _total
         finally:
             stop.set()
             for t in threads:
                 t.join()
-    warmup = max(args.warmup, cache_full_at if cache_full_at < args.minutes else args.warmup)
-    after = [(m, r) for m, r in samples if m >= warmup]
-    mean_m = statistics.fmean(m for m, _ in after)
-    mean_r = statistics.fmean(r for _, r in after)
-    slope = sum((m - mean_m) * (r - mean_r) for m, r in after) / sum((m - mean_m) ** 2 for m, _ in after)
+    caches_full_at = max(text_full_at, prefix_full_at)
+    warmup = max(args.warmup, caches_full_at if caches_full_at < args.minutes else args.warmup)
+    after = [s for s in samples if s.minute >= warmup]
+    last = samples[-1]
+
+    def minute_or_none(m: float) -> float | None:
+        return round(m, 1) if m < args.minutes else None
+
     report(
         args,
         "soak",
         {
             "minutes": args.minutes,
             "warmup_minutes": round(warmup, 1),
-            "text_cache_full_at_minute": round(cache_full_at, 1) if cache_full_at < args.minutes else None,
-            "rss_slope_mb_per_min_after_warmup": round(slope, 3),
-            "rss_at_warmup_mb": round(after[0][1], 1),
-            "rss_end_mb": round(samples[-1][1], 1),
-            "rss_max_after_warmup_mb": round(max(r for _, r in after), 1),
-            "text_cache_mb_at_end": round(cache, 1),
-            "rss_every_10s_mb": [round(r, 1) for _, r in samples],
+            "text_cache_budget_mb": args.text_cache_mb,
+            "prefix_cache_budget_mb": round(prefix_budget, 1),
+            "text_cache_full_at_minute": minute_or_none(text_full_at),
+            "prefix_cache_full_at_minute": minute_or_none(prefix_full_at),
+            "rss_slope_mb_per_min_after_warmup": round(slope([(s.minute, s.rss) for s in after]), 3),
+            # what is neither cache: a leak shows here even while a cache is still filling
+            "rss_minus_caches_slope_mb_per_min_after_warmup": round(
+                slope([(s.minute, s.rss - s.text - s.prefix) for s in after]), 3
+            ),
+            "rss_at_warmup_mb": round(after[0].rss, 1),
+            "rss_end_mb": round(last.rss, 1),
+            "rss_max_after_warmup_mb": round(max(s.rss for s in after), 1),
+            # single samples swing by tens of MB (the backend gives memory back every 2 s): the first and last
+            # 5 minutes' medians compare levels
+            "rss_median_first_5min_after_warmup_mb": round(statistics.median(s.rss for s in after if s.minute < warmup + 5), 1),
+            "rss_median_last_5min_mb": round(statistics.median(s.rss for s in after if s.minute >= last.minute - 5), 1),
+            "rss_minus_caches_at_warmup_mb": round(after[0].rss - after[0].text - after[0].prefix, 1),
+            "rss_minus_caches_end_mb": round(last.rss - last.text - last.prefix, 1),
+            "text_cache_mb_at_end": round(last.text, 1),
+            "prefix_cache_mb_at_end": round(last.prefix, 1),
+            "prefix_cache_entries_at_end": last.entries,
+            "prefix_cache_evictions": int(evictions),
+            "rss_every_10s_mb": [round(s.rss, 1) for s in samples],
+            "prefix_cache_every_10s_mb": [round(s.prefix, 1) for s in samples],
+            # the budget counts K/V bytes only: each entry's tree node and token ids are outside it
+            "prefix_cache_entries_every_10s": [s.entries for s in samples],
             "outcomes": counts,
         },
     )
+
+
+class Sample(NamedTuple):
+    """One soak sample (MiB): the server's VmRSS and what its two caches say they hold."""
+
+    minute: float
+    rss: float
+    text: float
+    prefix: float
+    entries: int  # the prefix cache's segments
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x (nan with fewer than two distinct x)."""
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else float("nan")
 
 
 def main() -> None:
@@ -624,9 +681,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10, help="big: how many 15 MiB requests")
     parser.add_argument("--minutes", type=float, default=30.0, help="soak: duration")
     parser.add_argument(
-        "--warmup", type=float, default=5.0, help="soak: minutes left out of the slope, at least (and until the cache is full)"
+        "--warmup", type=float, default=5.0, help="soak: minutes left out of the slope, at least (and until both caches fill)"
     )
-    parser.add_argument("--cache-mb", type=float, default=64.0, help="soak: the server's --text-cache-mb")
+    # --cache-mb was this option's old name (the server's --cache-mb is the prefix cache: give that as --prefix-cache-mb)
+    parser.add_argument("--text-cache-mb", "--cache-mb", type=int, default=64, help="soak: the server's --text-cache-mb")
+    parser.add_argument(
+        "--prefix-cache-mb", type=int, default=64, help="soak: the server's --cache-mb (prefix cache; -1: the server's default)"
+    )
     parser.add_argument("--out", default="", help="append the JSON figures to this file")
     args, rest = parser.parse_known_args()  # the rest, after --: extra `stepscore serve` flags
     args.server_args = [a for a in rest if a != "--"]
