@@ -538,7 +538,7 @@ def attack_soak(args: argparse.Namespace) -> None:
             roll = rng.random()
             try:
                 if roll < 0.05:
-                    msg.candidates.add(steps=pb.Steps(steps=[""]))  # invalid: an empty step
+                    msg.aggregates.append("no-such-aggregate")  # invalid (an empty step is valid since it became scorable)
                     call(msg)
                 elif roll < 0.1:
                     future = call.future(msg)
