@@ -663,10 +663,11 @@ class Sample(NamedTuple):
 
 def slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of y over x (nan with fewer than two distinct x)."""
-    mean_x = statistics.fmean(x for x, _ in points)
-    mean_y = statistics.fmean(y for _, y in points)
-    var = sum((x - mean_x) ** 2 for x, _ in points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var if var else float("nan")
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    try:
+        return statistics.linear_regression(xs, ys).slope
+    except statistics.StatisticsError:  # fewer than two points, or x constant
+        return float("nan")
 
 
 def main() -> None:
