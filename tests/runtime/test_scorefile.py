@@ -3,11 +3,20 @@ lines skipped, a closed stdout ended quietly: all through the real command."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import io
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+
+from stepscore.errors import Unavailable
+from stepscore.runtime.scorefile import OutputClosed, score_lines
+from stepscore.runtime.types import ScoreRequest, ScoreResult
 
 
 def _score(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
@@ -122,3 +131,38 @@ def test_a_closed_stdout_ends_quietly(tmp_path: Path) -> None:
     proc.stderr.close()
     assert json.loads(first)["candidates"]
     assert code == 0 and err == "", err
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, s: str) -> int:
+        raise BrokenPipeError
+
+
+class _FailingEngine:
+    """Scores nothing: every line fails, as it does once the engine has begun shutting down; the first line
+    takes longest, so that the lines after it finish first and the producer runs ahead of the writer."""
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        for _ in range(50 if request.problem == "first" else 1):
+            await asyncio.sleep(0)  # a scheduling point, as the real engine's queue has
+        raise Unavailable("the engine is shutting down")
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3, 8])
+def test_no_line_is_left_unretrieved_when_the_reader_goes_away(concurrency: int) -> None:
+    # The CI failure this pins: when the reader left, lines already failed in the window were cancelled (a no-op
+    # on a finished task) and one the producer had started but not yet queued was forgotten; neither outcome
+    # was retrieved, so asyncio logged "Task exception was never retrieved" on stderr, which `| head` users see.
+    unretrieved: list[str] = []
+    first, line = (json.dumps({"problem": p, "candidates": [["s"]]}).encode() + b"\n" for p in ("first", "later"))
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx["message"]))
+        with pytest.raises(OutputClosed):
+            await score_lines(_FailingEngine(), io.BytesIO(first + line * 50), _ClosedPipe(), concurrency)
+        for _ in range(10):  # let every task created so far run to its end
+            await asyncio.sleep(0)
+        gc.collect()  # a task whose failure nobody retrieved reports it when collected
+
+    asyncio.run(main())
+    assert unretrieved == []

@@ -151,6 +151,9 @@ async def score_lines(engine: Any, source: IO[bytes], sink: IO[str], concurrency
     # exactly `concurrency` lines scored at once: with 1, each line starts after the previous one is scored,
     # so a file of growing chains finds each earlier chain in the prefix cache
     running = asyncio.Semaphore(concurrency)
+    # every scoring task started and not yet written: the producer may be holding one it has not put in the
+    # window yet, so the window alone does not know them all when the reader goes away
+    started: set[asyncio.Task[ScoreResult]] = set()
     failures = 0
 
     async def produce() -> None:
@@ -160,6 +163,7 @@ async def score_lines(engine: Any, source: IO[bytes], sink: IO[str], concurrency
             await running.acquire()
             try:
                 scoring: asyncio.Task[ScoreResult] = asyncio.create_task(engine.score(parse_line(decode_line(raw))))
+                started.add(scoring)
                 scoring.add_done_callback(lambda _: running.release())
                 task: asyncio.Task[ScoreResult] | StepscoreError = scoring
             except StepscoreError as exc:
@@ -177,6 +181,7 @@ async def score_lines(engine: Any, source: IO[bytes], sink: IO[str], concurrency
             try:
                 if isinstance(task, StepscoreError):
                     raise task
+                started.discard(task)  # from here on, awaiting it here retrieves its outcome (or cancels it)
                 obj = result_json(await task)
             except StepscoreError as exc:
                 failures += 1
@@ -192,11 +197,12 @@ async def score_lines(engine: Any, source: IO[bytes], sink: IO[str], concurrency
         except BrokenPipeError:
             raise OutputClosed from None
     finally:
+        # lines read but not written: their scoring is no longer wanted. Each task is awaited after its cancel,
+        # so that one that already failed (the engine shutting down) is retrieved rather than logged at exit
         producer.cancel()
-        while not window.empty():  # lines read but not written: their scoring is no longer wanted
-            _, task = window.get_nowait()
-            if isinstance(task, asyncio.Task):
-                task.cancel()
+        for scoring in started:
+            scoring.cancel()
+        await asyncio.gather(producer, *started, return_exceptions=True)
     return failures
 
 
