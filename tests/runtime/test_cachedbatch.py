@@ -298,11 +298,11 @@ def test_suffix_kv_cuts_an_item_out_of_the_per_layer_outputs_and_only_what_the_c
         cut = suffix_kv(present, batch, k)
         positions = batch.item_tokens[k] % seq
         whole = cut(0, len(item.ids))
-        assert whole.shape == (layers, 2, heads, len(item.ids), dim)
+        assert whole is not None and whole.shape == (layers, 2, heads, len(item.ids), dim)
         for n in range(2 * layers):
             np.testing.assert_array_equal(whole[n // 2, n % 2], present[n][0][:, positions])
 
-        def counting(start: int, end: int, cut: Callable[[int, int], KvArray] = cut) -> KvArray:
+        def counting(start: int, end: int, cut: Callable[[int, int], KvArray | None] = cut) -> KvArray | None:
             asked.append((start, end))
             return cut(start, end)
 
@@ -311,3 +311,65 @@ def test_suffix_kv_cuts_an_item_out_of_the_per_layer_outputs_and_only_what_the_c
     m = cache.match(items[1])
     np.testing.assert_array_equal(cache.past(m.node), suffix_kv(present, batch, 1)(0, 34))
     cache.release(m.node)
+
+
+def test_a_queued_suffix_continues_what_batches_before_it_cached() -> None:
+    """A candidate queued when the cache held nothing of it runs from the deepest node cached since (the
+    first candidates of its request cache the problem it shares): the batch returns the cached scores first,
+    then those of its reads, and holds no lock once laid out. Its K/V are inserted from its own node; when the
+    deeper node is evicted before that, nothing below the gap is cached, and nothing fails."""
+    from stepscore.runtime.cachedbatch import Suffix, pack_cached, suffix_kv
+    from stepscore.runtime.packing import PackOptions
+    from stepscore.runtime.prefixcache import PrefixCache
+
+    cache = PrefixCache(1 << 30)
+    problem = np.arange(1, 21, dtype=np.int32)  # a 20-token segment, read at its last token
+    item = Suffix(np.concatenate([problem, np.array([50, 51, 52], np.int32)]), np.array([19, 22], np.int32), past=cache.root)
+    cache.insert(cache.root, problem, np.array([19], np.int32), np.zeros((1, 2, 1, 20, 4), np.float32), [0.25])
+    batch = pack_cached([item], cache, PackOptions())
+    assert batch.past_len is not None and batch.past_len.tolist() == [20]
+    assert batch.item_known is not None and batch.item_known[0].tokens == 20
+    assert batch.item_known[0].scores.tolist() == [0.25]
+    assert [len(r) for r in batch.item_reads] == [1] and batch.shape == (1, 16)  # its own 3 tokens, one read
+    assert all(node.refs == 0 for node in [cache.root, *cache.root.children.values()])
+    rows, seq = batch.shape
+    present = [np.full((rows, 1, seq, 4), float(n), np.float32) for n in range(2)]
+
+    def remember() -> int:  # as the scheduler does for a row that continued a node below the item's own
+        kv = suffix_kv(present, batch, 0, skipped=20)
+        return cache.insert(cache.root, item.ids, item.reads, kv, [0.25, 0.75])
+
+    assert cache.clear() > 0  # the deeper node is gone before the batch's K/V come back
+    assert remember() == 0 and cache.stats.entries == 0
+    cache.insert(cache.root, problem, np.array([19], np.int32), np.zeros((1, 2, 1, 20, 4), np.float32), [0.25])
+    assert remember() == 1 and cache.stats.entries == 2  # kept: only the segment the batch computed is added
+    m = cache.match(item)
+    assert m.complete and m.scores == [0.25, 0.75]
+    cache.release(m.node)
+    cache.check()
+
+
+def test_the_candidates_of_one_request_in_several_batches_reuse_each_other(tiny_bundle: Callable[..., Path]) -> None:
+    """Rows too short for the whole tree: the candidates of one Best-of-N request run in several batches, and
+    the later ones continue the problem and first steps the earlier ones cached (nothing was cached when the
+    request arrived). Scores equal scoring from scratch; each candidate says how many tokens the cache gave."""
+    bundle = tiny_bundle("qwen-prm")
+    request = ScoreRequest(PROBLEM, [[*STEPS[:3], STEPS[k]] for k in range(4, 8)])
+
+    async def run() -> tuple[ScoreResult, ScoreResult, int, int]:
+        small = dict(row_tokens=64, max_batch_tokens=64, max_queued_tokens=4096)
+        async with (
+            Engine.from_bundle(bundle, config=_config(0)) as plain,
+            Engine.from_bundle(bundle, config=_config(64 << 20, **small)) as cached,
+        ):
+            want, got = await plain.score(request), await cached.score(request)
+            assert cached.cache is not None
+            cached.cache.check()
+            return want, got, cached.stats.batches, cached.cache.stats.hit_tokens
+
+    want, got, batches, hits = asyncio.run(run())
+    assert batches >= 2
+    for cw, cg in zip(want.candidates, got.candidates, strict=True):
+        np.testing.assert_allclose(cg.step_scores, cw.step_scores, atol=TOL, rtol=0)
+    found = [c.cached_tokens for c in got.candidates]
+    assert any(n > 0 for n in found) and hits == sum(found)

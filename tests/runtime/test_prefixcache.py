@@ -174,3 +174,28 @@ def test_random_traffic_scores_like_from_scratch_within_budget(
         assert held.node.kv is not None or held.node is cache.root  # never evicted while locked
         cache.release(held.node)
     cache.check()
+
+
+def test_extend_continues_a_queued_suffix_from_what_was_cached_since_and_leaves_its_last_segment() -> None:
+    cache = PrefixCache(1 << 20)
+    item = chain([[1, 2], [3, 4, 5], [6]])
+    m = cache.match(item)  # queued when nothing was cached: the whole candidate is its suffix
+    assert m.tokens == 0 and cache.stats.miss_tokens == 6
+    compute(cache, item)  # another candidate (here the same chain) ran meanwhile and cached all three segments
+    assert cache.stats.hit_tokens == 0
+    deeper = cache.extend(m.node, item)
+    # at most two of the three segments: a suffix always keeps something to compute
+    assert (deeper.tokens, deeper.scores, deeper.complete) == (5, [2.0, 5.0], False)
+    assert deeper.node.refs == 1 and deeper.node.end == 5
+    assert (cache.stats.hit_tokens, cache.stats.miss_tokens) == (5, 6 + 6 - 5)  # the second 6: compute's own match
+    cache.release(deeper.node)
+    cache.release(m.node)
+    # a suffix continuing a node: the walk starts there and counts from its end
+    rest = Formatted(item.ids[2:], item.reads[1:] - 2)
+    below = cache.extend(cache.root.children[np.array([1, 2], np.int32).tobytes()], rest)
+    assert (below.tokens, below.scores) == (3, [5.0])
+    cache.release(below.node)
+    one_step = cache.extend(cache.root, chain([[1, 2]]))  # one segment: nothing to skip
+    assert one_step.node is cache.root and one_step.tokens == 0
+    cache.release(one_step.node)
+    cache.check()

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.runtime.backend import KvBackend, Present
-from stepscore.runtime.packing import PackedBatch, PackOptions, pack
+from stepscore.runtime.packing import Known, PackedBatch, PackOptions, pack
 from stepscore.runtime.prefixcache import KvArray, Node, PrefixCache
 from stepscore.runtime.types import Formatted
 
@@ -73,13 +73,55 @@ def pack_cached(
     too, and the cheapest runs: for each search, the deepest node all its suffixes descend from (beam
     search's kept beams share their problem and first steps: one row per search, the beams' own tails
     recomputed inside it), and the root (everything from scratch, shared inside the batch as the tree graph
-    would). Recomputed segments are cached again as they are (they exist already: nothing is added)."""
+    would). Recomputed segments are cached again as they are (they exist already: nothing is added).
+
+    Before any of that, each suffix is matched again from its node (`PrefixCache.extend`): batches that ran
+    since it was queued may have cached more of it (a Best-of-N request's first candidates cache the problem
+    its other candidates share), and then its row continues that deeper node. The batch's `item_known` holds
+    the scores found so."""
     if not items:
         raise ValueError("pack_cached() needs at least one item")
+    locked: list[Node] = []
+    try:
+        deeper, known = _extended(items, cache, locked)
+        batch = _pack_cheapest(deeper, cache, options, max_tokens, pad_id)
+        # the pasts are copied here: the batch needs none of the deeper nodes after this (`remember` inserts
+        # from each item's own node, locked by its request)
+        return replace(_with_pasts(batch, cache), item_known=known)
+    finally:
+        for node in locked:
+            cache.release(node)
+
+
+def _extended(items: Sequence[Suffix], cache: PrefixCache, locked: list[Node]) -> tuple[list[Suffix], list[Known]]:
+    """Each item continued from the deepest node the cache holds of it now, and what that skips; the nodes
+    reached are appended to `locked` (the caller releases them)."""
+    out: list[Suffix] = []
+    known: list[Known] = []
+    for item in items:
+        if item.past is None or not item.cacheable:
+            out.append(item)
+            known.append(Known(0, np.empty(0, np.float32)))
+            continue
+        m = cache.extend(item.past, item, item.search_id)
+        locked.append(m.node)
+        skipped = len(m.scores)
+        if skipped:
+            rest = (item.reads[skipped:] - m.tokens).astype(np.int32)
+            item = replace(item, ids=item.ids[m.tokens :], reads=rest, past=m.node)
+        out.append(item)
+        known.append(Known(m.tokens, np.asarray(m.scores, dtype=np.float32)))
+    return out, known
+
+
+def _pack_cheapest(
+    items: Sequence[Suffix], cache: PrefixCache, options: PackOptions, max_tokens: int | None, pad_id: int
+) -> PackedBatch:
+    """The cheapest of the layouts pack_cached prices, pasts not copied yet."""
     tree_only = replace(options, plain_cost=None)  # the cached graph is a tree graph
     best = _pack_from(items, [item.past for item in items], cache, tree_only, max_tokens, pad_id)
     if options.attention_cost <= 0 or all(item.start == 0 for item in items):
-        return _with_pasts(best, cache)
+        return best
     left = set(best.leftover)
     kept = [i for i in range(len(items)) if i not in left]
     chosen = [items[i] for i in kept]
@@ -88,7 +130,7 @@ def pack_cached(
         other = _pack_from(chosen, bases, cache, whole, None, pad_id)
         if layout_cost(other, options) < layout_cost(best, options):
             best = _widen(other, kept, len(items), best.leftover)
-    return _with_pasts(best, cache)  # only the layout that runs copies its pasts
+    return best  # only the layout that runs copies its pasts
 
 
 def _with_pasts(batch: PackedBatch, cache: PrefixCache) -> PackedBatch:
@@ -275,11 +317,13 @@ def _stack_pasts(pasts: Sequence[tuple[slice, KvArray | None]], rows: int) -> Kv
     return out
 
 
-def suffix_kv(present: Present, batch: PackedBatch, index: int) -> Callable[[int, int], KvArray]:
+def suffix_kv(present: Present, batch: PackedBatch, index: int, skipped: int = 0) -> Callable[[int, int], KvArray | None]:
     """Item `index`'s K/V as the prefix cache takes it (PrefixCache.insert): a function of a token range of
-    the item (counted from the end of its base) returning [layers, 2, kv_heads, end - start, D], cut out of
-    the batch's per-layer outputs [B, kv_heads, S, D]. Only the segments the cache does not hold are asked
-    for: candidates sharing a prefix in one tree row copy it once, not once each."""
+    the item (counted from the end of its base, or `skipped` tokens before it when the row continued a node
+    that deep below the item's own: those it did not compute, and returns None for) returning [layers, 2,
+    kv_heads, end - start, D], cut out of the batch's per-layer outputs [B, kv_heads, S, D]. Only the
+    segments the cache does not hold are asked for: candidates sharing a prefix in one tree row copy it once,
+    not once each."""
     assert batch.item_tokens is not None
     _, s = batch.shape
     flat = batch.item_tokens[index]
@@ -287,7 +331,10 @@ def suffix_kv(present: Present, batch: PackedBatch, index: int) -> Callable[[int
     cols = flat - row * s
     layers = len(present) // 2
 
-    def cut(start: int, end: int) -> KvArray:
+    def cut(start: int, end: int) -> KvArray | None:
+        if start < skipped:
+            return None
+        start, end = start - skipped, end - skipped
         first = present[0]
         out = np.empty((layers, 2, first.shape[1], end - start, first.shape[3]), dtype=first.dtype)
         for n, array in enumerate(present):

@@ -106,6 +106,9 @@ class Request:
     pending: deque[int] = field(default_factory=deque)  # candidates not yet in a batch
     scores: list[npt.NDArray[np.float32] | None] = field(default_factory=list)
     remaining: int = 0  # candidates without a score yet
+    # per candidate: tokens the prefix cache held beyond what the candidate matched when it was queued, found
+    # when its batch was laid out (stepscore.runtime.cachedbatch: batches before it cached them)
+    found_tokens: list[int] = field(default_factory=list)
     first_batch_at: float | None = None
     compute_s: float = 0.0
     done: bool = False
@@ -179,6 +182,7 @@ class SchedulingCore:
             pending=deque(range(len(items))),
             scores=[None] * len(items),
             remaining=len(items),
+            found_tokens=[0] * len(items),
         )
         self._requests[request.rid] = request
         self._queue.append(request)
@@ -284,11 +288,19 @@ class SchedulingCore:
                 self._queue.remove(request)
             self._queue.appendleft(request)
 
-    def complete(self, plan: Plan, scores: Sequence[npt.NDArray[np.float32]], elapsed_s: float) -> list[Outcome]:
-        """Scores of a run (one array per plan member, in order). Returns the requests this finished."""
+    def complete(
+        self,
+        plan: Plan,
+        scores: Sequence[npt.NDArray[np.float32]],
+        elapsed_s: float,
+        found_tokens: Sequence[int] | None = None,
+    ) -> list[Outcome]:
+        """Scores of a run (one array per plan member, in order), and per member the tokens the prefix cache
+        answered beyond its match (Request.found_tokens). Returns the requests this finished."""
         outcomes: list[Outcome] = []
         charged: set[int] = set()
-        for (request, index), values in zip(plan.members, scores, strict=True):
+        found = found_tokens if found_tokens is not None else [0] * len(plan.members)
+        for (request, index), values, extra in zip(plan.members, scores, found, strict=True):
             if request.done:  # cancelled, expired or failed while the batch ran: discard
                 continue
             if request.rid not in charged:
@@ -299,6 +311,7 @@ class SchedulingCore:
                 outcomes.append(self._end(request, error=ModelOutputError(msg)))
                 continue
             request.scores[index] = values
+            request.found_tokens[index] = extra
             request.remaining -= 1
             if request.remaining == 0:
                 outcomes.append(self._end(request, scores=[s for s in request.scores if s is not None]))

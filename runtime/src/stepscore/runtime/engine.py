@@ -331,6 +331,7 @@ class Engine:
         if not work:  # everything came from the prefix cache
             permit.release()
             computed: list[npt.NDArray[np.float32]] = []
+            found_tokens: list[int] = []
             timing = Timing(tokenize_ms=tokenize_ms, total_ms=(time.perf_counter() - started) * 1000.0)
         else:
             try:
@@ -345,6 +346,7 @@ class Engine:
                     computed = await asyncio.wait_for(future, max(0.0, request.deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     raise DeadlineExceeded("the deadline passed before the scores were computed") from None
+            found_tokens = queued.found_tokens
             queued_at = queued.first_batch_at or queued.arrived
             timing = Timing(
                 queue_ms=(queued_at - queued.arrived) * 1000.0,
@@ -358,10 +360,12 @@ class Engine:
         scores: list[npt.NDArray[np.float32]] = []
         cached_tokens: list[int] = []
         pending = iter(computed)
+        # tokens found in the cache after the match, when each suffix's batch was laid out (none without work)
+        found = iter(found_tokens)
         for m, suffix in matches:
             held = np.asarray(m.scores if m is not None else [], dtype=np.float32)
             scores.append(held if suffix is None else np.concatenate([held, next(pending)]))
-            cached_tokens.append(m.tokens if m is not None else 0)
+            cached_tokens.append((m.tokens if m is not None else 0) + (next(found) if suffix is not None else 0))
         return build_result(items, scores, request, timing, cached_tokens)
 
     def end_search(self, search_id: str) -> int:

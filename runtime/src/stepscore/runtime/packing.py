@@ -64,6 +64,14 @@ class PackOptions:
 
 
 @dataclass(frozen=True)
+class Known:
+    """Of an item of a cached-graph batch: the tokens and read scores the cache answered beyond its own past."""
+
+    tokens: int
+    scores: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     """The engine's tensors for one run, plus where each item's step scores land."""
 
@@ -89,6 +97,10 @@ class PackedBatch:
     # Per item of a cached-graph batch: the cached node its row continues (stepscore.runtime.prefixcache.Node;
     # None: no past). The item's tokens in the batch start at that node's end.
     item_base: list[Any] | None = None
+    # Per item of a cached-graph batch: what the cache held beyond the item's own past when the batch was laid
+    # out (its row continues a deeper node: PrefixCache.extend). Those scores come first in the item's scores,
+    # before those its reads give.
+    item_known: list[Known] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

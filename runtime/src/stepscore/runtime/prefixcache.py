@@ -38,8 +38,9 @@ from stepscore.runtime.types import Formatted, IntArray
 
 KvArray = npt.NDArray[np.generic]  # [layers, 2, kv_heads, tokens, head_dim], the graph's dtype
 # A suffix's K/V as `insert` takes it: the array, or a function returning its tokens [start, end) as one
-# (stepscore.runtime.cachedbatch.suffix_kv cuts them out of a batch's outputs only for segments not cached yet).
-KvSource = KvArray | Callable[[int, int], KvArray]
+# (stepscore.runtime.cachedbatch.suffix_kv cuts them out of a batch's outputs only for segments not cached yet),
+# or None for tokens the batch did not compute (they were cached when it was laid out, and evicted since).
+KvSource = KvArray | Callable[[int, int], KvArray | None]
 
 
 @dataclass(eq=False)
@@ -113,18 +114,36 @@ class PrefixCache:
     def match(self, item: Formatted, search_id: str = "") -> Match:
         """The longest run of `item`'s segments the cache holds; the deepest matched node is locked."""
         with self._lock:
-            node, scores, start = self.root, [], 0
-            for end in segment_ends(item.reads):
-                child = node.children.get(_key(item.ids[start:end]))
-                if child is None:
-                    break
-                node, start = child, end
-                scores.append(child.score)
-                self._touch(child, search_id)
-            node.refs += 1
-            self.stats.hit_tokens += start
-            self.stats.miss_tokens += item.num_tokens - start
-            return Match(node, start, scores, complete=len(scores) == len(item.reads))
+            m = self._walk(self.root, item.ids, item.reads, len(item.reads), search_id)
+            self.stats.hit_tokens += m.tokens
+            self.stats.miss_tokens += item.num_tokens - m.tokens
+            return m
+
+    def extend(self, node: Node, item: Formatted, search_id: str = "") -> Match:
+        """What the cache holds now of `item`, a suffix continuing `node` (locked by the caller), leaving at
+        least its last segment to compute. A suffix matched when it was queued may find more once batches
+        before it have run (the other candidates of its request: the problem they share). The node reached
+        is locked (`release` it); tokens and scores count from the end of `node`."""
+        with self._lock:
+            m = self._walk(node, item.ids, item.reads, len(item.reads) - 1, search_id)
+            self.stats.hit_tokens += m.tokens  # counted as missed when the suffix was matched
+            self.stats.miss_tokens -= m.tokens
+            return m
+
+    def _walk(self, node: Node, ids: IntArray, reads: IntArray, most: int, search_id: str) -> Match:
+        """Down from `node` along the segments of (`ids`, `reads`), at most `most` of them; locks the last
+        node reached (lock held)."""
+        scores: list[float] = []
+        start = 0
+        for end in segment_ends(reads[: max(0, most)]):
+            child = node.children.get(_key(ids[start:end]))
+            if child is None:
+                break
+            node, start = child, end
+            scores.append(child.score)
+            self._touch(child, search_id)
+        node.refs += 1
+        return Match(node, start, scores, complete=len(scores) == len(reads))
 
     def release(self, node: Node) -> None:
         with self._lock:
@@ -181,8 +200,9 @@ class PrefixCache:
     ) -> int:
         """Cache the segments of a suffix computed below `parent` (locked by the caller): `ids` and `reads`
         relative to the suffix, `kv` its K/V [layers, 2, kv, len(ids), D] (or a function of a token range
-        returning that range's, asked only for the segments not cached yet), `scores` its reads' scores.
-        Returns the number of segments added."""
+        returning that range's, asked only for the segments not cached yet, None where it has none: the
+        segments from there on are not cached), `scores` its reads' scores. Returns the number of segments
+        added."""
         added, start = 0, 0
         with self._lock:
             node = parent
@@ -191,6 +211,8 @@ class PrefixCache:
                 child = node.children.get(key)
                 if child is None:
                     segment_kv = kv(start, end) if callable(kv) else np.ascontiguousarray(kv[:, :, :, start:end])
+                    if segment_kv is None:
+                        break
                     if not self._make_room(int(segment_kv.nbytes), keep=node):
                         self.stats.skipped += 1
                         break

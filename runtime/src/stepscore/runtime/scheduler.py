@@ -282,24 +282,34 @@ class Scheduler:
             self._record(batch, elapsed)
             flat = scores.reshape(-1)
             values = [flat[batch.item_reads[k]] for k in prepared.kept]
+            found: list[int] | None = None
+            if batch.item_known is not None:  # what the cache held beyond an item's own node: its scores come first
+                known = [batch.item_known[k] for k in prepared.kept]
+                values = [np.concatenate((kn.scores, v)) for kn, v in zip(known, values, strict=True)]
+                found = [kn.tokens for kn in known]
             if present is None:
-                self._deliver(self.core.complete(prepared.plan, values, elapsed))
+                self._deliver(self.core.complete(prepared.plan, values, elapsed, found))
                 continue
             # Copying the new K/V into the cache takes a few ms a batch: on the packing thread, while the device
             # runs the next batch (done in line, the device sat idle about 7% of a Best-of-N run). The requests
             # complete after it, so they hold the nodes they continue until their suffixes are in.
-            task = asyncio.create_task(self._remember_then_complete(prepared, present, values, elapsed))
+            task = asyncio.create_task(self._remember_then_complete(prepared, present, values, elapsed, found))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
     async def _remember_then_complete(
-        self, prepared: _Prepared, present: Present, values: Sequence[npt.NDArray[np.float32]], elapsed: float
+        self,
+        prepared: _Prepared,
+        present: Present,
+        values: Sequence[npt.NDArray[np.float32]],
+        elapsed: float,
+        found: Sequence[int] | None,
     ) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._prep_pool, self._remember, prepared, present, values)
         except Exception as exc:  # noqa: BLE001 - the scores stand; only their caching failed
             report_internal(log, exc, "caching a batch's K/V failed")
-        self._deliver(self.core.complete(prepared.plan, values, elapsed))
+        self._deliver(self.core.complete(prepared.plan, values, elapsed, found))
 
     def _remember(self, prepared: _Prepared, present: Present, values: Sequence[npt.NDArray[np.float32]]) -> None:
         """Put the suffixes just computed into the prefix cache (before their requests complete and release
@@ -310,9 +320,16 @@ class Scheduler:
         for item, k, scores in zip(items, prepared.kept, values, strict=True):
             if not isinstance(item, Suffix) or not item.cacheable or item.past is None:
                 continue
-            kv = suffix_kv(present, prepared.batch, k)
             bases = prepared.batch.item_base
             base = bases[k] if bases is not None else item.past
+            if base is not None and base.end > item.start:
+                # the row continued a node below the item's own (cached since it was queued): the batch computed
+                # its tokens from there on only. Inserted from the item's node, which its request holds (the
+                # deeper one may be gone by now: then nothing is cached below the gap)
+                kv = suffix_kv(present, prepared.batch, k, skipped=base.end - item.start)
+                self._cache.insert(item.past, item.ids, item.reads, kv, [float(x) for x in scores], item.search_id)
+                continue
+            kv = suffix_kv(present, prepared.batch, k)
             # the item ran from `base` (its own node, or an ancestor whose later segments ran again)
             laid, _, held = relative(item, base, self._cache)
             chain_scores = held + [float(x) for x in scores]
