@@ -216,14 +216,10 @@ async def runtime_section(args: argparse.Namespace) -> None:
     and 64, with the start-up cost model and without."""
     from stepscore.runtime.bench import EngineSystem, HfEagerSystem, NaiveOrtSystem, load_workload
     from stepscore.runtime.bench.workloads import processbench_best_of_n_workload
-    from stepscore.runtime.bundle import load_bundle
     from stepscore.runtime.config import EngineConfig
-    from stepscore.runtime.formatting import Formatter
 
     folder, bundle = build_model()
-    loaded = load_bundle(bundle)
-    m = loaded.manifest
-    formatter = Formatter(m.format, loaded.tokenizer_path, m.model.vocab_size, m.model.max_seq_len)
+    formatter = _formatter(bundle)
     # requests per point: `base` for the baselines and the engine, at least one per caller (c = 64 sends
     # 64 requests at once). An N = 3 request is ~8x smaller than an N = 16 one (~1,200 vs ~10,000 tokens):
     # 8x as many.
@@ -531,8 +527,12 @@ async def cache_section(args: argparse.Namespace) -> None:
     limits = {"step-by-step": n * 8, "beam": n * 2, "dvts": n * 2, "bon16": n}
     rows: list[str] = []
     verdicts: list[str] = []
+    ceilings: list[str] = []
+    formatter = _formatter(bundle)
     for name, limit in limits.items():
         wl = load_workload(name, SHARED / "data", limit=limit)
+        submitted, unique, new = reuse_ceiling([formatter.format_request(r) for r in wl.requests])
+        ceilings.append(f"| {name} | {submitted:,} | {unique:,} | {new:,} | {submitted / new:.2f}x | {unique / new:.2f}x |")
         got: dict[str, Any] = {}
         for mode, extra in modes.items():
             config = EngineConfig(intra_op_threads=args.threads, **extra)  # type: ignore[arg-type]
@@ -569,9 +569,54 @@ calls: the control). Calls carry their search's id, as the bench's clients send 
 inside a call computed once); "cache" the prefix cache on top of sharing. tokens/s counts submitted tokens.
 Targets: step-by-step >= 4x vs off; beam >= 2x vs sharing only; Best-of-N >= 0.95x.
 
+What each mode has to compute at best, counted on the same calls' formatted token ids
+(`benchmarks.cpu_suite.reuse_ceiling`): "sharing" computes each distinct step prefix of a call once, "cache"
+each distinct step prefix of the whole run once (an unbounded cache). Their ratios bound the speed-ups above
+(attention makes a token of a longer row dearer, so time ratios differ a little):
+
+| workload | submitted | distinct per call | distinct per run | off / cache, at best | sharing / cache, at best |
+|---|---|---|---|---|---|
+{chr(10).join(ceilings)}
+
 {memory}
 """
     write_section("cache", body)
+
+
+def reuse_ceiling(calls: Sequence[Sequence[Any]]) -> tuple[int, int, int]:
+    """For calls of formatted candidates (stepscore.runtime.types.Formatted), in order: the tokens submitted,
+    the tokens left when each call computes each distinct step prefix once (within-call sharing at best), and
+    those left when the whole run does (a prefix cache that never evicts)."""
+    seen_run: dict[tuple[int, bytes], int] = {}  # (parent node, segment ids) -> node, over the run
+    submitted = unique = new = 0
+    for call in calls:
+        seen_call: set[int] = set()
+        for item in call:
+            submitted += item.num_tokens
+            node, start = 0, 0
+            ends = [int(r) + 1 for r in item.reads]
+            if not ends or ends[-1] < item.num_tokens:
+                ends.append(item.num_tokens)  # tokens after the last read: a segment of their own
+            for end in ends:
+                key = (node, item.ids[start:end].tobytes())
+                known = key in seen_run
+                node = seen_run.setdefault(key, len(seen_run) + 1)
+                if node not in seen_call:
+                    seen_call.add(node)
+                    unique += end - start
+                if not known:
+                    new += end - start
+                start = end
+    return submitted, unique, new
+
+
+def _formatter(bundle: Path) -> Any:
+    from stepscore.runtime.bundle import load_bundle
+    from stepscore.runtime.formatting import Formatter
+
+    loaded = load_bundle(bundle)
+    m = loaded.manifest
+    return Formatter(m.format, loaded.tokenizer_path, m.model.vocab_size, m.model.max_seq_len)
 
 
 async def _cache_memory(bundle: Path, args: argparse.Namespace) -> str:
