@@ -571,8 +571,10 @@ Targets: step-by-step >= 4x vs off; beam >= 2x vs sharing only; Best-of-N >= 0.9
 
 What each mode has to compute at best, counted on the same calls' formatted token ids
 (`benchmarks.cpu_suite.reuse_ceiling`): "sharing" computes each distinct step prefix of a call once, "cache"
-each distinct step prefix of the whole run once (an unbounded cache). Their ratios bound the speed-ups above
-(attention makes a token of a longer row dearer, so time ratios differ a little):
+each distinct step prefix of the whole run once (an unbounded cache). Their ratios bound the speed-ups above,
+but for two things: attention makes a token of a longer row dearer (time ratios differ a little), and the
+packer lays out a call's shared prefix once only where a tree row is cheaper than separate rows (Best-of-N's
+problem under long unrelated solutions is not: "sharing" recomputes it per candidate, the cache does not):
 
 | workload | submitted | distinct per call | distinct per run | off / cache, at best | sharing / cache, at best |
 |---|---|---|---|---|---|

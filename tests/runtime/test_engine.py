@@ -206,8 +206,10 @@ def test_cancelled_and_expired_requests_are_dropped_before_compute(tiny_bundle: 
             await _until_entered(backend)  # the device is held by `busy`: nothing else can run
             queued = _count_calls(engine._scheduler, "submit", 3)
             doomed = asyncio.create_task(engine.score(_marked(12)))
+            # half a second: it must still be alive when it reaches the queue (the wait for three submits below
+            # would hang otherwise), on a loaded machine too; it then expires while the device is held
             expiring = asyncio.create_task(
-                engine.score(ScoreRequest("", [TokenIds([13] * 20, [19])], deadline=time.monotonic() + 0.05))
+                engine.score(ScoreRequest("", [TokenIds([13] * 20, [19])], deadline=time.monotonic() + 0.5))
             )
             kept = asyncio.create_task(engine.score(_marked(14)))
             await queued.wait()  # the three reached the queue (tokenization runs on a worker thread)
