@@ -142,6 +142,7 @@ class Measured:
 
     summary: Any  # stepscore.runtime.bench.Summary
     p95_ms: float
+    runs: tuple[float, ...] = ()  # tokens/s of every repeat of the point (the summary is the median one's)
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,20 +150,22 @@ class Measured:
 
 
 async def measure_sweep(
-    system: Any, requests: Sequence[Any], points: Sequence[tuple[int, int]], workload: str
+    system: Any, requests: Sequence[Any], points: Sequence[tuple[int, int]], workload: str, repeats: int = 1
 ) -> list[Measured]:
     """One system set up once, warmed up by a few unmeasured requests, then a closed loop per (concurrency,
-    number of requests) point, in order, the prefix cache emptied before each."""
+    number of requests) point, in order, the prefix cache emptied before each. With `repeats`, the whole
+    sweep runs that many times (so that a disturbance hits one repeat of several points, not every repeat of
+    one) and each point reports its median repeat."""
     import numpy as np
 
     from stepscore.runtime.bench import closed_loop, summarize, warm_up
 
     await system.setup()
-    out = []
+    out: list[list[Measured]] = [[] for _ in points]
     try:
         first = points[0]
         await warm_up(system, requests, count=min(2, len(requests), first[1]), concurrency=min(first[0], 2))
-        for concurrency, count in points:
+        for _, (index, (concurrency, count)) in itertools.product(range(repeats), enumerate(points)):
             await system.forget()  # every point sends the same requests: the cache would answer from the last
             point = await closed_loop(system, requests, concurrency, count=count, workload=workload)
             s = summarize(point)
@@ -177,18 +180,24 @@ async def measure_sweep(
             )
             if s.errors:
                 log(f"    first error: {s.first_error}")
-            out.append(Measured(s, p95))
+            out[index].append(Measured(s, p95))
     finally:
         await system.close()
-    return out
+    medians = []
+    for repeated in out:
+        ranked = sorted(repeated, key=lambda m: m.tokens_per_s)
+        middle = ranked[(len(ranked) - 1) // 2]
+        medians.append(Measured(middle.summary, middle.p95_ms, tuple(m.tokens_per_s for m in repeated)))
+    return medians
 
 
 def _runtime_row(label: str, m: Measured, a: Measured, b: Measured, bold: bool = False) -> str:
     s, mark = m.summary, "**" if bold else ""
     p50 = (s.latency_ms or {}).get("p50", float("nan"))
     pad = f"{s.padding_fraction:.1%}" if s.padding_fraction is not None else "n/a"
+    spread = f" ({min(m.runs):,.0f}-{max(m.runs):,.0f})" if len(m.runs) > 1 else ""
     return (
-        f"| {label} | {s.tokens_per_s:,.0f} | {p50:,.0f} ms | {m.p95_ms:,.0f} ms | {pad} | "
+        f"| {label} | {s.tokens_per_s:,.0f}{spread} | {p50:,.0f} ms | {m.p95_ms:,.0f} ms | {pad} | "
         f"{mark}{m.tokens_per_s / a.tokens_per_s:.2f}x{mark} | {mark}{m.tokens_per_s / b.tokens_per_s:.2f}x{mark} |"
     )
 
@@ -235,9 +244,10 @@ async def runtime_section(args: argparse.Namespace) -> None:
             f"runtime: Best-of-N N={n}, {len(wl.requests)} requests "
             f"({sum(len(r.candidates) for r in wl.requests)} candidates), requests per point {counts}"
         )
-        (a,) = await measure_sweep(NaiveOrtSystem(bundle, threads=args.threads), wl.requests, [(1, base)], wl.name)
+        naive = NaiveOrtSystem(bundle, threads=args.threads)
+        (a,) = await measure_sweep(naive, wl.requests, [(1, base)], wl.name, args.repeats)
         hf = HfEagerSystem(folder, bundle, batch_size=8, dtype="fp32", threads=args.threads)
-        (b,) = await measure_sweep(hf, wl.requests, [(1, base)], wl.name)
+        (b,) = await measure_sweep(hf, wl.requests, [(1, base)], wl.name, args.repeats)
         engine = {}
         for cost in (True, False):
             config = EngineConfig(intra_op_threads=args.threads, measure_cost=cost)
@@ -246,13 +256,21 @@ async def runtime_section(args: argparse.Namespace) -> None:
             engine[cost] = list(
                 zip(
                     args.concurrency,
-                    await measure_sweep(EngineSystem(bundle, config=config, name=name), wl.requests, points, wl.name),
+                    await measure_sweep(
+                        EngineSystem(bundle, config=config, name=name), wl.requests, points, wl.name, args.repeats
+                    ),
                     strict=True,
                 )
             )
         runs.append((n, wl, base, counts, a, b, engine))
 
     tables = []
+    repeated = (
+        f" Every point measured {args.repeats} times (each system's whole sweep again): tokens/s is the median"
+        " repeat, (lowest-highest) after it; latencies and ratios are the median repeat's."
+        if args.repeats > 1
+        else ""
+    )
     for n, wl, base, counts, a, b, engine in runs:
         what = (
             f"{n} unrelated ProcessBench solutions of 300-600 formatted tokens each, as token ids"
@@ -268,7 +286,7 @@ async def runtime_section(args: argparse.Namespace) -> None:
         tables.append(f"""### Best-of-N, N = {n}
 
 {len(wl.requests)} requests of {what} (`{wl.source}`); requests per point: {base} for the baselines
-(one caller), {", ".join(f"{counts[c]} for the engine at c={c}" for c in args.concurrency)}.
+(one caller), {", ".join(f"{counts[c]} for the engine at c={c}" for c in args.concurrency)}.{repeated}
 
 | system | tokens/s | p50 latency | p95 latency | padding | vs (a) | vs (b) |
 |---|---|---|---|---|---|---|
@@ -678,6 +696,7 @@ def main() -> int:
         help="runtime: the engine's concurrencies, comma-separated (default 1,4,16,64; fewer for a smoke run)",
     )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime / torch threads (0: their default)")
+    p.add_argument("--repeats", type=int, default=1, help="runtime: measure every point this many times and report the median")
     args = p.parse_args()
     if args.threads:
         import torch
