@@ -373,3 +373,24 @@ def test_the_candidates_of_one_request_in_several_batches_reuse_each_other(tiny_
         np.testing.assert_allclose(cg.step_scores, cw.step_scores, atol=TOL, rtol=0)
     found = [c.cached_tokens for c in got.candidates]
     assert any(n > 0 for n in found) and hits == sum(found)
+
+
+def test_a_suffix_left_over_is_counted_as_a_hit_once_when_its_batch_runs() -> None:
+    """Two suffixes each find their cached problem; only one fits the batch. The hit counts the one laid out;
+    the other is counted when the layout that runs it finds its problem again, not in every layout it waits
+    through."""
+    from stepscore.runtime.cachedbatch import Suffix, pack_cached
+    from stepscore.runtime.packing import PackOptions
+    from stepscore.runtime.prefixcache import PrefixCache
+
+    cache = PrefixCache(1 << 30)
+    items = []
+    for k in range(2):
+        problem = np.arange(1, 21, dtype=np.int32) + 100 * k
+        cache.insert(cache.root, problem, np.array([19], np.int32), np.zeros((1, 2, 1, 20, 4), np.float32), [0.25])
+        ids = np.concatenate([problem, np.full(40, 50, np.int32)])
+        items.append(Suffix(ids, np.array([19, 59], np.int32), past=cache.root))
+    first = pack_cached(items, cache, PackOptions(), max_tokens=48)
+    assert first.leftover == [1] and cache.stats.hit_tokens == 20
+    again = pack_cached([items[1]], cache, PackOptions(), max_tokens=48)
+    assert again.leftover == [] and cache.stats.hit_tokens == 40

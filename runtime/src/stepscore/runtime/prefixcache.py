@@ -123,12 +123,17 @@ class PrefixCache:
         """What the cache holds now of `item`, a suffix continuing `node` (locked by the caller), leaving at
         least its last segment to compute. A suffix matched when it was queued may find more once batches
         before it have run (the other candidates of its request: the problem they share). The node reached
-        is locked (`release` it); tokens and scores count from the end of `node`."""
+        is locked (`release` it); tokens and scores count from the end of `node`. The statistics do not
+        change: a suffix may be walked again in each layout it is left over from (`found` counts it once)."""
         with self._lock:
-            m = self._walk(node, item.ids, item.reads, len(item.reads) - 1, search_id)
-            self.stats.hit_tokens += m.tokens  # counted as missed when the suffix was matched
-            self.stats.miss_tokens -= m.tokens
-            return m
+            return self._walk(node, item.ids, item.reads, len(item.reads) - 1, search_id)
+
+    def found(self, tokens: int) -> None:
+        """Count `tokens` that `extend` found for suffixes in a batch as hits (they counted as misses when the
+        suffixes were matched)."""
+        with self._lock:
+            self.stats.hit_tokens += tokens
+            self.stats.miss_tokens -= tokens
 
     def _walk(self, node: Node, ids: IntArray, reads: IntArray, most: int, search_id: str) -> Match:
         """Down from `node` along the segments of (`ids`, `reads`), at most `most` of them; locks the last
