@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 
 from stepscore.errors import DeadlineExceeded, InvalidRequest, MessageTooLarge, Overloaded, StepscoreError
 from stepscore.runtime.engine import Engine
+from stepscore.runtime.service.calls import deadline_passed
 from stepscore.runtime.service.config import ServerConfig
 from stepscore.runtime.service.convert import REPLICA_HEADER, candidate_views, request_from_proto, result_to_proto
 from stepscore.runtime.service.metrics import Metrics
@@ -32,9 +33,6 @@ from stepscore.runtime.service.streams import StreamShares, pump
 from stepscore.runtime.types import AGGREGATES, ScoreResult
 from stepscore.v1 import stepscore_pb2 as pb
 from stepscore.v1 import stepscore_pb2_grpc as pb_grpc
-
-# A cancellation this close to the call's deadline is the deadline firing (time_remaining is read on entry).
-_DEADLINE_SLACK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
 
     def _not_received(self, deadline: float | None) -> StepscoreError:
         """Why a call ended without its request message (gRPC has answered a message over the limit itself)."""
-        if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
+        if deadline_passed(None if deadline is None else deadline - time.monotonic()):
             return DeadlineExceeded("the deadline passed before the request arrived")
         return MessageTooLarge(
             f"no request message arrived: one over the limit of {self._config.max_receive_message_bytes} bytes "
@@ -125,7 +123,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
     def _gone(deadline: float | None) -> grpc.StatusCode:
         # grpc cancels the handler when the call's deadline passes, which can come just before the engine's
         # own deadline check: count that as the deadline it is, not as a client cancelling.
-        late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
+        late = deadline_passed(None if deadline is None else deadline - time.monotonic())
         return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
 
     def _replica(self) -> tuple[tuple[str, str], ...]:
