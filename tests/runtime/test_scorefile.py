@@ -139,12 +139,21 @@ class _ClosedPipe(io.StringIO):
 
 
 class _FailingEngine:
-    """Scores nothing: every line fails, as it does once the engine has begun shutting down; the first line
-    takes longest, so that the lines after it finish first and the producer runs ahead of the writer."""
+    """Scores nothing: every line fails, as it does once the engine has begun shutting down. The first line
+    fails last, once `hold` lines have started, so that the lines after it finish first and the producer runs
+    ahead of the writer: with a window of c lines, the (c + 2)th is started while the window is full."""
+
+    def __init__(self, hold: int) -> None:
+        self.started = 0
+        self.hold = hold
+        self.others_ran = asyncio.Event()
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
-        for _ in range(50 if request.problem == "first" else 1):
-            await asyncio.sleep(0)  # a scheduling point, as the real engine's queue has
+        self.started += 1
+        if self.started >= self.hold:
+            self.others_ran.set()
+        if request.problem == "first":
+            await self.others_ran.wait()
         raise Unavailable("the engine is shutting down")
 
 
@@ -158,10 +167,13 @@ def test_no_line_is_left_unretrieved_when_the_reader_goes_away(concurrency: int)
 
     async def main() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx["message"]))
+        # with one line at a time nothing runs ahead: the first line is released at once
+        engine = _FailingEngine(hold=concurrency + 2 if concurrency > 1 else 1)
         with pytest.raises(OutputClosed):
-            await score_lines(_FailingEngine(), io.BytesIO(first + line * 50), _ClosedPipe(), concurrency)
-        for _ in range(10):  # let every task created so far run to its end
-            await asyncio.sleep(0)
+            await score_lines(engine, io.BytesIO(first + line * 50), _ClosedPipe(), concurrency)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:  # every task created so far run to its end; `wait` retrieves no outcome
+            await asyncio.wait(others)
         gc.collect()  # a task whose failure nobody retrieved reports it when collected
 
     asyncio.run(main())
