@@ -87,10 +87,11 @@ def pack_cached(
         batch = _pack_cheapest(deeper, cache, options, max_tokens, pad_id)
         # the pasts are copied here: the batch needs none of the deeper nodes after this (`remember` inserts
         # from each item's own node, locked by its request)
-        batch = replace(_with_pasts(batch, cache), item_known=known)
         left = set(batch.leftover)  # walked again when laid out next: counted then
-        cache.found(sum(k.tokens for i, k in enumerate(known) if i not in left))
-        return batch
+        found = sum(k.tokens for i, k in enumerate(known) if i not in left)
+        cache.found(found)
+        # nothing found (most batches): no scores to put in front, the scheduler passes the values as they are
+        return replace(_with_pasts(batch, cache), item_known=known if found else None)
     finally:
         for node in locked:
             cache.release(node)

@@ -96,7 +96,7 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
 
     def _not_received(self, deadline: float | None) -> StepscoreError:
         """Why a call ended without its request message (gRPC has answered a message over the limit itself)."""
-        if deadline_passed(None if deadline is None else deadline - time.monotonic()):
+        if self._past(deadline):
             return DeadlineExceeded("the deadline passed before the request arrived")
         return MessageTooLarge(
             f"no request message arrived: one over the limit of {self._config.max_receive_message_bytes} bytes "
@@ -120,11 +120,15 @@ class StepScorerServicer(pb_grpc.StepScorerServicer):
         return await self._engine.score(request_from_proto(msg, deadline))
 
     @staticmethod
-    def _gone(deadline: float | None) -> grpc.StatusCode:
+    def _past(deadline: float | None) -> bool:
+        """Whether a call with this absolute deadline (None: none) counts as past it (service.calls' rule)."""
+        return deadline_passed(None if deadline is None else deadline - time.monotonic())
+
+    @classmethod
+    def _gone(cls, deadline: float | None) -> grpc.StatusCode:
         # grpc cancels the handler when the call's deadline passes, which can come just before the engine's
         # own deadline check: count that as the deadline it is, not as a client cancelling.
-        late = deadline_passed(None if deadline is None else deadline - time.monotonic())
-        return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.DEADLINE_EXCEEDED if cls._past(deadline) else grpc.StatusCode.CANCELLED
 
     def _replica(self) -> tuple[tuple[str, str], ...]:
         return ((REPLICA_HEADER, self.replica_id),)
