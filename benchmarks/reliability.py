@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -217,6 +218,9 @@ def histogram_quantile(port: int, name: str, q: float, **labels: str) -> float:
     return float("inf")
 
 
+PREBUILT = 64  # the filler's distinct heavy requests (about one is answered every 3 s on 2 cores)
+
+
 def _fill(target: str, count: int, stop: Any) -> None:
     """Keep `count` heavy Score calls in flight until `stop` is set (run in its own process, so that the storm
     client's timings are not its own event loop's delays)."""
@@ -224,14 +228,32 @@ def _fill(target: str, count: int, stop: Any) -> None:
 
     from stepscore.v1 import stepscore_pb2 as pb
 
-    heavy = pb.ScoreRequest(problem=PROBLEM, candidates=candidates(*(steps_of(2000, k) for k in range(32))))
+    def build(n: int) -> Any:
+        return pb.ScoreRequest(
+            problem=f"{PROBLEM} (#{n})", candidates=candidates(*(steps_of(2000, n * 32 + k) for k in range(32)))
+        )
+
+    # New text every call: a repeated request would be answered from the prefix cache (a few ms, no model run),
+    # and the storm would measure tokenization instead of a server whose cores the model keeps busy. Built
+    # before the storm, so that building them does not take the cores from the server and the storm's client
+    # (the filler stands in for clients on other machines); more are built only past PREBUILT calls.
+    prebuilt = [build(n) for n in range(PREBUILT)]
+    calls = itertools.count()
+    lock = threading.Lock()
+
+    def heavy() -> Any:
+        with lock:
+            n = next(calls)
+        return prebuilt[n] if n < PREBUILT else build(n)
 
     def loop() -> None:
         channel = grpc.insecure_channel(target)
         call = score_call(channel)
+        request = heavy()
         while not stop.is_set():
             try:
-                call(heavy)
+                call(request)
+                request = heavy()  # a refused one is sent again: only answered ones are in the cache
             except grpc.RpcError:
                 time.sleep(0.001)
         channel.close()

@@ -4,6 +4,7 @@ NaN handling, and a concurrent stress test in which every accepted request is an
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from stepscore.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelOutputError, Overloaded
+from stepscore.runtime import priority
 from stepscore.runtime.backend import OrtBackend
 from stepscore.runtime.bundle import load_bundle
 from stepscore.runtime.config import EngineConfig, PlainRows
@@ -438,3 +440,28 @@ def test_the_batch_budget_defaults_to_the_device(tiny_bundle: Callable[..., Path
         EngineConfig(max_queued_tokens=1024, row_tokens=512).checked(manifest, "cpu")
     engine = Engine.from_bundle(tiny_bundle("qwen-prm"), config=EngineConfig(intra_op_threads=1, measure_cost=False))
     assert engine.config.max_batch_tokens == 2048
+
+
+@pytest.mark.skipif(not priority.supported(), reason="niceness is per thread on Linux only")
+def test_every_thread_the_engine_starts_runs_at_the_compute_niceness_but_its_event_loop(
+    tiny_bundle: Callable[..., Path],
+) -> None:
+    """onnxruntime's pool threads start with the session, so the session is created on a lowered thread; the
+    pools' threads lower themselves. The event loop (SyncEngine's thread here, the main thread in a server)
+    keeps the process's niceness, so that it gets a core first."""
+
+    def threads() -> dict[int, int]:
+        return {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+
+    bundle = tiny_bundle("qwen-prm")  # first: exporting it may start threads of torch's own
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = threads()
+    # intra_op_threads=2: onnxruntime starts one pool thread of its own (the caller is the other)
+    config = EngineConfig(intra_op_threads=2, tokenizer_threads=2, measure_cost=False, compute_nice=5)
+    with SyncEngine(bundle, config=config) as engine:
+        engine.score_many(_requests(seed=3, n=8))  # tokenizing, packing and device threads start on demand
+        started = {tid: nice for tid, nice in threads().items() if tid not in before}
+        loop_thread = engine._thread.native_id
+    assert loop_thread is not None and started.pop(loop_thread) == base
+    # at least: onnxruntime's pool thread, a tokenizing thread, the packing thread, the device thread
+    assert len(started) >= 4 and set(started.values()) == {base + 5}, started

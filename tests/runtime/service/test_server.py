@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -391,9 +393,38 @@ def test_bad_settings_refuse_to_start(bundle: Path) -> None:
         (["--tls-cert", "x.pem"], "both a certificate"),
         (["--row-tokens", "999999"], "row_tokens"),
         (["--max-receive-message-bytes", "10"], "at least 1024"),
+        (["--compute-nice", "20"], "compute_nice must be between 0 and 19"),
     ]
     for args, message in cases:
         proc = subprocess.run(
             [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), *args], capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _thread_nices(pid: int) -> dict[int, int]:
+    """Every thread of process `pid`: its niceness (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="niceness is per thread (and /proc is there) on Linux only")
+def test_compute_threads_run_at_the_compute_niceness_and_the_event_loop_does_not(bundle: Path) -> None:
+    for nice in (7, 0):
+        # --threads 2: onnxruntime starts a pool thread of its own with the session
+        with serve(bundle, "--compute-nice", str(nice), "--threads", "2") as s:
+            with Client(s.target) as client:
+                client.score(PROBLEM, [GOOD])  # the tokenizing, packing and device threads start on demand
+            nices = _thread_nices(s.proc.pid)
+        base = nices[s.proc.pid]  # the main thread runs the event loop: the process's own niceness
+        lowered = [tid for tid, n in nices.items() if n == base + nice] if nice else []
+        if nice:
+            # tokenizing, packing and device threads (one each at least) and onnxruntime's own pool thread
+            assert len(lowered) >= 4, nices
+            assert set(nices.values()) == {base, base + nice}, nices
+        else:
+            assert set(nices.values()) == {base}, nices

@@ -12,6 +12,7 @@ from typing import Literal
 from stepscore.errors import ConfigError
 from stepscore.runtime.bundle import Manifest
 from stepscore.runtime.limits import RequestLimits
+from stepscore.runtime.priority import MAX_NICE
 
 
 def model_attention_cost(manifest: Manifest) -> float:
@@ -98,6 +99,9 @@ class EngineConfig:
     measure_cost: bool = True
     tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
+    # niceness of the engine's compute threads (onnxruntime's, tokenizing, packing) on Linux, so that the
+    # thread answering calls gets a core first (stepscore.runtime.priority); 0 = the process's own
+    compute_nice: int = 10
     io_binding: bool | None = None  # None = on for CUDA, off for CPU
     max_seq_len: int = 0  # 0 = the bundle's limit; lower it to refuse longer candidates
     verify_bundle: bool = True  # sha256 every bundle file at load
@@ -133,6 +137,8 @@ class EngineConfig:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.cache_bytes < -1:
             raise ConfigError(f"cache_bytes must be >= 0 (0: no prefix cache) or -1 (default), got {self.cache_bytes}")
+        if not 0 <= self.compute_nice <= MAX_NICE:
+            raise ConfigError(f"compute_nice must be between 0 and {MAX_NICE}, got {self.compute_nice}")
         if self.intra_op_threads < 0 or self.min_shared_tokens < 1:
             raise ConfigError("intra_op_threads must be >= 0 and min_shared_tokens >= 1")
         limit = manifest.model.max_seq_len

@@ -11,7 +11,7 @@ result, or one of the errors in `stepscore.errors`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import logging
 import math
 import os
@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ConfigError, DeadlineExceeded, InvalidRequest, Unavailable
-from stepscore.runtime import costmodel
+from stepscore.runtime import costmodel, priority
 from stepscore.runtime.aggregates import aggregate
 from stepscore.runtime.backend import Backend, KvBackend, OrtBackend
 from stepscore.runtime.bundle import Bundle, load_bundle
@@ -184,9 +184,7 @@ class Engine:
         if self.config.cache_bytes > 0 and all(isinstance(b, KvBackend) and b.kv_cache for b in self.backends):
             self.cache = PrefixCache(self.config.cache_bytes)
         self._scheduler = Scheduler(self.backends, self.config, self.cache)
-        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(
-            self.config.tokenizer_threads, thread_name_prefix="stepscore-tokenize"
-        )
+        self._tokenize_pool = priority.pool(self.config.tokenizer_threads, "stepscore-tokenize", self.config.compute_nice)
         self._started = False
         self._closed = False
 
@@ -219,13 +217,12 @@ class Engine:
         if cached is not None:
             plain = None
         m = bundle.manifest.model
-        backends: list[Backend] = []
-        for dev in _device_list(device, devices):
-            threads = config.intra_op_threads or None
+
+        def start(dev: str) -> Backend:
             backend = OrtBackend(
                 tree,
                 dev,
-                threads=threads,
+                threads=config.intra_op_threads or None,
                 io_binding=config.io_binding,
                 plain_graph_path=plain,
                 cached_graph_path=cached,
@@ -233,7 +230,11 @@ class Engine:
                 cached_attention=bundle.manifest.graph.cached_attention,
             )
             backend.warmup()
-            backends.append(backend)
+            return backend
+
+        # created on a lowered thread: onnxruntime's thread pools start with the sessions and inherit its niceness
+        devs = _device_list(device, devices)
+        backends = [priority.call_lowered(config.compute_nice, functools.partial(start, dev)) for dev in devs]
         return cls(bundle, backends, measured_config(bundle, backends[0], config))
 
     # -- lifecycle ------------------------------------------------------------------------------

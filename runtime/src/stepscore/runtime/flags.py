@@ -143,6 +143,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_flag(g, "--max-queued-tokens", d.max_queued_tokens, int, "tokens admitted at once")
     add_flag(g, "--max-seq-len", 0, int, "refuse candidates longer than this", shown="the bundle's limit")
     add_flag(g, "--threads", 0, int, "onnxruntime threads per session", shown="onnxruntime's choice")
+    add_flag(
+        g,
+        "--compute-nice",
+        d.compute_nice,
+        int,
+        "niceness (0-19) of the compute threads (onnxruntime, tokenizing, packing), so that answering calls goes "
+        "first (Linux); 0: the process's own",
+    )
     add_switch(g, "--no-prefix-sharing", "compute shared prefixes once per candidate instead of once per batch")
     add_switch(g, "--no-packing", "one padded row per candidate instead of packed rows")
     add_flag(
@@ -227,6 +235,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_queued_tokens=args.max_queued_tokens,
         max_seq_len=args.max_seq_len,
         intra_op_threads=args.threads,
+        compute_nice=args.compute_nice,
         share_prefixes=not args.no_prefix_sharing,
         pack_rows=not args.no_packing,
         plain_rows=args.plain_rows,

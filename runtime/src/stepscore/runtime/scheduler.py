@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ConfigError, Unavailable, report_internal
+from stepscore.runtime import priority
 from stepscore.runtime.backend import Backend, KvBackend, Present
 from stepscore.runtime.cachedbatch import Suffix, pack_cached, relative, suffix_kv
 from stepscore.runtime.config import EngineConfig, default_plain_cost, default_run_overhead
@@ -116,10 +117,8 @@ class Scheduler:
         self._running = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._finishing: set[asyncio.Task[None]] = set()  # batches whose K/V are going into the cache
-        self._prep_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stepscore-pack")
-        self._device_pools = [
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stepscore-{b.device}") for b in backends
-        ]
+        self._prep_pool = priority.pool(1, "stepscore-pack", config.compute_nice)
+        self._device_pools = [priority.pool(1, f"stepscore-{b.device}", config.compute_nice) for b in backends]
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None  # set while no request is unfinished (drain waits on it)
         self._slots: asyncio.Semaphore | None = None

@@ -1,0 +1,58 @@
+"""Compute threads run at a lower CPU priority than the thread that answers calls.
+
+A server's event loop does little work per call, but every call waits for it: when onnxruntime's threads,
+the tokenizer and the batch packing keep every core busy, the loop waits for a core at each wake-up, and a
+refusal under overload, which costs well under a millisecond of work, took up to 7.5 ms (p99, server side)
+on 2 cores. With the compute threads at niceness 10 the kernel hands the loop a core as soon as it wakes:
+p99 <= 3 ms (docs/reliability.md, the storm). The model's throughput does not change on a machine where
+nothing else wants the cores: niceness only decides who goes first when several threads do.
+
+Threads inherit their creator's niceness, so the engine lowers its own worker threads when they start and
+creates its onnxruntime sessions (whose thread pools start with them) from a lowered thread. Niceness is a
+per-thread property on Linux only; elsewhere `os.setpriority` would change the whole process (the event loop
+included), so nothing is done there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MAX_NICE = 19  # the kernel's lowest priority
+
+
+def supported() -> bool:
+    """Whether threads can be lowered one by one (Linux)."""
+    return sys.platform == "linux"
+
+
+def lower_current_thread(nice: int) -> None:
+    """Run the calling thread (and the threads it starts from now on) at niceness `nice` at least; 0: leave it.
+    Raising a thread's priority needs privileges, lowering never does: a thread already lower stays so."""
+    if nice <= 0 or not supported():
+        return
+    tid = threading.get_native_id()
+    if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+        os.setpriority(os.PRIO_PROCESS, tid, min(nice, MAX_NICE))
+
+
+def pool(workers: int, name: str, nice: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool whose threads run at niceness `nice` (`name`: their name prefix)."""
+    return concurrent.futures.ThreadPoolExecutor(
+        workers, thread_name_prefix=name, initializer=lower_current_thread, initargs=(nice,)
+    )
+
+
+def call_lowered(nice: int, fn: Callable[[], T]) -> T:
+    """`fn()` run on a new thread at niceness `nice`, so that the threads it starts inherit that niceness (an
+    onnxruntime session starts its thread pool when it is created); its result returned, its exception raised."""
+    if nice <= 0 or not supported():
+        return fn()
+    with pool(1, "stepscore-start", nice) as one:
+        return one.submit(fn).result()
