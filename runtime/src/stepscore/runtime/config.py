@@ -100,8 +100,9 @@ class EngineConfig:
     tokenizer_threads: int = 2  # threads formatting requests (the Rust tokenizer parallelises inside too)
     intra_op_threads: int = 0  # onnxruntime threads per session; 0 = onnxruntime's default
     # niceness of the engine's compute threads (onnxruntime's, tokenizing, packing) on Linux, so that the
-    # thread answering calls gets a core first (stepscore.runtime.priority); 0 = the process's own
-    compute_nice: int = 10
+    # thread answering calls gets a core first (stepscore.runtime.priority); 0 = the process's own. Off by
+    # default: on a host shared with other busy processes, lowered compute yields to all of them too
+    compute_nice: int = 0
     io_binding: bool | None = None  # None = on for CUDA, off for CPU
     max_seq_len: int = 0  # 0 = the bundle's limit; lower it to refuse longer candidates
     verify_bundle: bool = True  # sha256 every bundle file at load

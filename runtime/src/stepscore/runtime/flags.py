@@ -149,7 +149,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         d.compute_nice,
         int,
         "niceness (0-19) of the compute threads (onnxruntime, tokenizing, packing), so that answering calls goes "
-        "first (Linux); 0: the process's own",
+        "first (Linux; 10 on a dedicated host or container: refusals under overload p99 <= 3 ms instead of <= "
+        "7.5 ms on 2 cores); 0: the process's own",
     )
     add_switch(g, "--no-prefix-sharing", "compute shared prefixes once per candidate instead of once per batch")
     add_switch(g, "--no-packing", "one padded row per candidate instead of packed rows")

@@ -1,11 +1,15 @@
-"""Compute threads run at a lower CPU priority than the thread that answers calls.
+"""Compute threads at a lower CPU priority than the thread that answers calls (`--compute-nice`, off by default).
 
 A server's event loop does little work per call, but every call waits for it: when onnxruntime's threads,
 the tokenizer and the batch packing keep every core busy, the loop waits for a core at each wake-up, and a
-refusal under overload, which costs well under a millisecond of work, took up to 7.5 ms (p99, server side)
-on 2 cores. With the compute threads at niceness 10 the kernel hands the loop a core as soon as it wakes:
-p99 <= 3 ms (docs/reliability.md, the storm). The model's throughput does not change on a machine where
-nothing else wants the cores: niceness only decides who goes first when several threads do.
+refusal under overload, well under a millisecond of work, took up to 5-7.5 ms (p99, server side) on 2 cores.
+With the compute threads at niceness 10 the kernel hands the loop a core as soon as it wakes: p99 <= 2-3 ms
+(docs/reliability.md, the storm).
+
+Niceness is not scoped to the process: lowered compute yields to every other busy process on the host as
+well. In a container (its own CPU cgroup) or on a dedicated host that costs nothing; on a host shared with
+other busy processes the model gets a fraction of the cores (with it on by default, the test suite beside
+two `yes` processes had done a third of its tests when a whole run usually ends). Hence off by default.
 
 Threads inherit their creator's niceness, so the engine lowers its own worker threads when they start and
 creates its onnxruntime sessions (whose thread pools start with them) from a lowered thread. Niceness is a
