@@ -65,3 +65,14 @@ def test_threads_started_by_a_lowered_call_inherit_its_niceness_and_errors_pass_
 
     with pytest.raises(ValueError, match="refused"):
         priority.call_lowered(base + 2, fails)
+
+
+def test_a_thread_that_may_not_be_lowered_still_runs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def forbidden(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", forbidden)
+    base = _nice_of(threading.get_native_id())
+    with priority.pool(1, "test-forbidden", base + 4) as pool:
+        assert pool.submit(lambda: _nice_of(threading.get_native_id())).result() == base
+    assert "could not lower a compute thread" in caplog.text

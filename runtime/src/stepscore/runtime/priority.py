@@ -20,6 +20,7 @@ included), so nothing is done there.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import sys
 import threading
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 MAX_NICE = 19  # the kernel's lowest priority
 
@@ -42,8 +45,13 @@ def lower_current_thread(nice: int) -> None:
     if nice <= 0 or not supported():
         return
     tid = threading.get_native_id()
-    if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-        os.setpriority(os.PRIO_PROCESS, tid, min(nice, MAX_NICE))
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, min(nice, MAX_NICE))
+    except OSError as exc:
+        # a sandbox may forbid it (seccomp): the thread runs at the process's niceness, and must still run: a pool
+        # whose initializer raises refuses every task
+        log.warning("could not lower a compute thread to niceness %d (%s): it runs at the process's own", nice, exc)
 
 
 def pool(workers: int, name: str, nice: int) -> concurrent.futures.ThreadPoolExecutor:
