@@ -346,8 +346,9 @@ tokens/s medians of {args.repeats} runs with their range.
 | niceness 0 (default) | {cell(runs[0])} | 1.00x |
 | niceness 10 | {cell(runs[10])} | {ratio:.2f}x |
 
-Lowering only decides who goes first when several threads want a core: with nothing else running, the model
-keeps the cores. What it buys is in docs/reliability.md (refusals under overload).
+Lowering decides who goes first when several threads want a core. Here the benchmark's own callers (their
+event loop, at niceness 0, shares the 2 cores) go first, which is what a server's event loop gets too: what
+that buys is in docs/reliability.md (refusals under overload), and the ratio is what it costs.
 """
     write_section("nice", body)
 
