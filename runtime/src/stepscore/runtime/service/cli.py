@@ -111,8 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = server_config(args)  # refuse bad settings before loading anything
     # The event loop answers every call (refusals included) but shares the GIL with the packing and tokenizer
     # threads; with Python's default switch interval (5 ms) a call waits up to that for each of its few turns.
-    # This process is the server's own, so it may set it: refusals under a storm measured p99 <= 25 ms at 5 ms,
-    # <= 10 ms at 0.5 ms (histogram bounds, docs/reliability.md).
+    # This process is the server's own, so it may set it (refusals under overload: docs/reliability.md; the
+    # figures once quoted here came from a storm whose load the prefix cache answered without the model).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     async def main() -> None:
