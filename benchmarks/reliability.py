@@ -597,6 +597,9 @@ def attack_soak(args: argparse.Namespace) -> None:
     budgets = ["--text-cache-mb", str(args.text_cache_mb), "--cache-mb", str(args.prefix_cache_mb)]
     with serve(bundle(), "--metrics-port", str(mport), *budgets, *args.server_args) as server:
         pid = server.proc.pid
+        # the start-up line ends with the malloc the server runs on (stepscore.runtime.allocator)
+        startup = [line for line in server.output if " INFO " in line and "; allocator" in line]
+        malloc = startup[0].rsplit("; ", 1)[1].strip() if startup else "not in the start-up line"
         # the budgets the server reports (flags after `--` may have replaced the soak's)
         prefix_budget = read_metric(mport, "stepscore_prefix_cache_budget_bytes") / (1 << 20)
         threads = [threading.Thread(target=unary_client, args=(server.target, s)) for s in (1, 2)]
@@ -641,6 +644,7 @@ def attack_soak(args: argparse.Namespace) -> None:
         "soak",
         {
             "minutes": args.minutes,
+            "allocator": malloc,
             "warmup_minutes": round(warmup, 1),
             "text_cache_budget_mb": args.text_cache_mb,
             "prefix_cache_budget_mb": round(prefix_budget, 1),

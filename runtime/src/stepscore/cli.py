@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # `stepscore` alone: what can I do?
         parser.print_help()
         return 0
+    args.own_process = argv is None  # the command line is this process's own (`stepscore serve` may re-execute it)
     logging.basicConfig(
         level=getattr(args, "log_level", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

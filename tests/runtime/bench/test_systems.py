@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -130,6 +131,10 @@ def test_spawned_server(tiny_bundle: Callable[..., Path]) -> None:
         try:
             assert system.max_batch_tokens == default_max_batch_tokens("cpu") == 2048  # the device default
             point = await closed_loop(system, reqs, 2)
+            server = system.server
+            assert server is not None and server.pid is not None
+            # the pid is the server's own, re-executed or not: the benchmarks read its memory there
+            assert sys.platform != "linux" or "stepscore.cli" in Path(f"/proc/{server.pid}/cmdline").read_text()
         finally:
             await system.close()
         assert all(r.ok and r.tokens > 0 for r in point.records)

@@ -395,6 +395,7 @@ def test_bad_settings_refuse_to_start(bundle: Path) -> None:
         (["--row-tokens", "999999"], "row_tokens"),
         (["--max-receive-message-bytes", "10"], "at least 1024"),
         (["--compute-nice", "20"], "compute_nice must be between 0 and 19"),
+        (["--allocator", "mimalloc"], "invalid choice: 'mimalloc'"),
     ]
     for args, message in cases:
         proc = subprocess.run(

@@ -8,7 +8,6 @@ and an export over tolerance exits non-zero.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import ValidationFailed
+from stepscore.runtime import allocator
 from stepscore.runtime.backend import OrtBackend
 from stepscore.runtime.bundle import Precision, ScoreRule
 from stepscore.runtime.cachedbatch import score_in_increments
@@ -60,10 +60,9 @@ def _diff(got: npt.NDArray[np.float64], want: npt.NDArray[np.float64], rule: Sco
 
 def _return_freed_memory() -> None:
     # glibc keeps freed heap pages for reuse; hand them back so the next session does not add to the peak
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    trim = allocator.malloc_trim()
+    if trim is not None:  # None: not glibc, nothing to do
+        trim(0)
 
 
 def validate_graph(

@@ -7,8 +7,6 @@ device-specific (execution provider, IO binding, buffer reuse) stays behind this
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import math
 import os
@@ -23,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stepscore.errors import BundleError, ConfigError
+from stepscore.runtime import allocator
 from stepscore.runtime.bundle import INPUTS, OUTPUTS, PAST_LEN, PLAIN_INPUTS, cached_inputs, cached_outputs
 from stepscore.runtime.packing import PackedBatch
 
@@ -76,16 +75,6 @@ def parse_device(device: str) -> tuple[str, int]:
     if index and not index.isdigit():
         raise ConfigError(f"device {device!r}: the index after ':' must be a number")
     return kind, int(index or 0)
-
-
-def _glibc_malloc_trim() -> Callable[[int], Any] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn: Callable[[int], Any] = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return fn
 
 
 class MemoryRelease:
@@ -208,7 +197,7 @@ class OrtBackend:
         if kind == "cpu" and self.shrink_cpu_arena:
             self._shrink_options = ort.RunOptions()
             self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        trim = _glibc_malloc_trim() if kind == "cpu" and self.trim_after_runs else None
+        trim = allocator.malloc_trim() if kind == "cpu" and self.trim_after_runs else None
         self._release = (
             MemoryRelease(self.release_interval, trim) if self._shrink_options is not None or trim is not None else None
         )

@@ -230,6 +230,11 @@ class LocalServer:
     def metrics_url(self) -> str | None:
         return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id once started (it stays the same when the server re-executes itself)."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> str:
         """Start the server; returns HOST:PORT once it prints its ready line."""
         cmd = [sys.executable, "-m", "stepscore.cli", "serve", str(self.bundle), "--port", "0", *self.args]

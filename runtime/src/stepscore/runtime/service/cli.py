@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stepscore.runtime import allocator
 from stepscore.runtime.flags import (
     add_bundle_arg,
     add_engine_args,
@@ -80,6 +81,15 @@ def add_parser(sub: Any) -> None:
         float,
         "a stream whose client reads no answer for this long is closed (RESOURCE_EXHAUSTED) and its work dropped",
     )
+    add_flag(
+        g,
+        "--allocator",
+        d.allocator,
+        str,
+        "the server process's malloc: auto is jemalloc where it is installed (the server re-executes itself once "
+        "with it preloaded), else glibc with a fixed mmap threshold; jemalloc refuses to start without it",
+        choices=allocator.CHOICES,
+    )
     add_engine_args(p)
     p.set_defaults(run=run_serve)
 
@@ -101,6 +111,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_stream_inflight=args.max_stream_inflight,
         stream_stall_seconds=args.stream_stall_seconds,
         replica_id=args.replica_id,
+        allocator=args.allocator,
     ).check()
 
 
@@ -114,6 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # This process is the server's own, so it may set it (refusals under overload: docs/reliability.md; the
     # figures once quoted here came from a storm whose load the prefix cache answered without the model).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # first, before a thread starts or a file opens: it may re-execute this process with jemalloc preloaded
+    malloc = allocator.settle(config.allocator, own_process=getattr(args, "own_process", False))
 
     async def main() -> None:
         engine = Engine.from_bundle(bundle_path(args.bundle), args.device, engine_config(args), engine_devices(args))
@@ -122,7 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
         def ready(s: Server) -> None:
             print(f"stepscore serve: ready on {config.host}:{s.port}", flush=True)
 
-        await server.run_until_signalled(ready)
+        await server.run_until_signalled(ready, process=malloc)
 
     asyncio.run(main())
     print("stepscore serve: stopped", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepscore.errors import ConfigError
+from stepscore.runtime.allocator import CHOICES as ALLOCATORS
 
 MiB = 1 << 20
 
@@ -32,6 +33,9 @@ class ServerConfig:
     # a stream whose client reads no answer for this long is closed with RESOURCE_EXHAUSTED, its work dropped
     stream_stall_seconds: float = 30.0
     replica_id: str = ""  # this replica's name in responses (metadata `stepscore-replica`, Info); "": host:port
+    # the server process's malloc (stepscore.runtime.allocator): auto is jemalloc where it is installed, else
+    # glibc tuned; on glibc's defaults RSS crept up in soaks (docs/reliability.md, "The allocator")
+    allocator: str = "auto"
 
     def check(self) -> ServerConfig:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -61,6 +65,8 @@ class ServerConfig:
         # it travels as a gRPC metadata value: printable ASCII only, and short
         if len(self.replica_id) > 128 or not all(" " <= ch <= "~" for ch in self.replica_id):
             raise ConfigError("the replica id must be at most 128 printable ASCII characters (it is sent as metadata)")
+        if self.allocator not in ALLOCATORS:
+            raise ConfigError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
         return self
 
 

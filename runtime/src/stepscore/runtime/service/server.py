@@ -124,7 +124,9 @@ class Server:
         await self.engine.close(drain_timeout=0)
         self.metrics.close()
 
-    async def run_until_signalled(self, ready: Any = None) -> None:
+    async def run_until_signalled(self, ready: Any = None, process: str = "") -> None:
+        """Serve until SIGTERM or SIGINT, then drain. `process`: what the caller set up for the whole process
+        (the allocator), for the start-up line."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,7 +136,7 @@ class Server:
         info = self.engine.info()
         metrics = f", metrics on :{self.config.metrics_port}" if self.config.metrics_port else ""
         log.info(
-            "serving %s (%s, %s) on %s://%s:%d as replica %s, devices %s%s",
+            "serving %s (%s, %s) on %s://%s:%d as replica %s, devices %s%s%s",
             info.model,
             info.preset,
             info.precision,
@@ -144,6 +146,7 @@ class Server:
             self.replica_id,
             ",".join(info.devices),
             metrics,
+            f"; {process}" if process else "",
         )
         if ready is not None:
             ready(self)
