@@ -51,6 +51,15 @@ def test_what_cannot_be_had_is_refused(
     assert message in str(err.value)
 
 
+def test_jemalloc_asked_for_where_the_process_is_not_the_servers_to_re_execute_is_refused() -> None:
+    if allocator.loaded() is not None:
+        pytest.skip(f"this process already runs on {allocator.loaded()} (LD_PRELOAD): nothing would be preloaded")
+    with pytest.raises(ConfigError, match="--allocator jemalloc: ") as err:
+        allocator.settle("jemalloc", own_process=False)  # refused before it changes anything in this process
+    # installed or not, it says how to get there
+    assert "preload it with LD_PRELOAD=" in str(err.value) or "apt-get install libjemalloc2" in str(err.value)
+
+
 def test_the_preload_goes_first_and_keeps_what_the_environment_preloads() -> None:
     assert preload_environ({"PATH": "/bin"}, LIB) == {"PATH": "/bin", "LD_PRELOAD": LIB, PRELOADED: LIB}
     got = preload_environ({"LD_PRELOAD": "libfoo.so"}, LIB)

@@ -111,10 +111,17 @@ def settle(choice: str, own_process: bool) -> str:
     """
     running = loaded()
     library = preload(choice, os.environ, find_jemalloc(), running)
-    if library is not None and own_process:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, preload_environ(os.environ, library))
+    if library is not None:
+        reason = "stepscore's main() was called from a program, whose process is not the server's to re-execute"
+        if own_process and sys.executable:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                os.execve(sys.executable, sys.orig_argv, preload_environ(os.environ, library))
+            except OSError as exc:  # the interpreter cannot be executed again: stay as it is
+                reason = f"re-executing {sys.executable} failed: {exc}"
+        if choice == "jemalloc":
+            raise ConfigError(f"--allocator jemalloc: {reason}; preload it with LD_PRELOAD={library} instead")
     if running is not None:
         how = "preloaded by the server" if os.environ.get(PRELOADED) else "preloaded by the environment"
         return f"allocator {running} ({how})"
