@@ -40,7 +40,6 @@ def test_glibc_is_never_preloaded_over() -> None:
         ("jemalloc", {}, None, None, "jemalloc is not installed here (apt-get install libjemalloc2"),
         ("jemalloc", {PRELOADED: LIB}, LIB, None, f"{LIB} was preloaded but the loader did not load it"),
         ("jemalloc", {}, LIB, "tcmalloc", "tcmalloc is already preloaded (LD_PRELOAD) in its place"),
-        ("mimalloc", {}, LIB, None, "allocator must be one of auto, jemalloc, glibc, got 'mimalloc'"),
     ],
 )
 def test_what_cannot_be_had_is_refused(

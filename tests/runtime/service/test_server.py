@@ -402,6 +402,16 @@ def test_bad_settings_refuse_to_start(bundle: Path) -> None:
             [sys.executable, "-m", "stepscore.cli", "serve", str(bundle), *args], capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    # a value from the environment passes argparse's choices unchecked: the server's config refuses it
+    proc = subprocess.run(
+        [sys.executable, "-m", "stepscore.cli", "serve", str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "STEPSCORE_ALLOCATOR": "mimalloc"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "stepscore serve: error: allocator must be one of auto, jemalloc, glibc, got 'mimalloc'"
 
 
 def _thread_nices(pid: int) -> dict[int, int]:

@@ -72,11 +72,9 @@ def loaded(maps: Path = Path("/proc/self/maps")) -> str | None:
 def preload(choice: str, environ: Mapping[str, str], jemalloc: str | None, running: str | None) -> str | None:
     """The library to re-execute with in LD_PRELOAD, or None to stay as this process is.
 
-    `jemalloc`: find_jemalloc(); `running`: loaded(). Refuses `--allocator jemalloc` where it cannot be had,
-    before anything is loaded or opened.
+    `choice`: one of CHOICES (ServerConfig checked it); `jemalloc`: find_jemalloc(); `running`: loaded().
+    Refuses `--allocator jemalloc` where it cannot be had, before anything is loaded or opened.
     """
-    if choice not in CHOICES:
-        raise ConfigError(f"allocator must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice == "jemalloc" and running not in (None, "jemalloc"):
         raise ConfigError(f"--allocator jemalloc: {running} is already preloaded (LD_PRELOAD) in its place")
     if choice == "glibc" or running is not None:  # a malloc replacement is already in (LD_PRELOAD, or re-executed)
