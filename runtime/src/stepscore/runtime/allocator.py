@@ -2,9 +2,10 @@
 
 Why it matters: in 20-minute soaks of mixed traffic (docs/reliability.md, "The allocator") a server on glibc's
 malloc grew +1.07 MB/min after warm-up, with jemalloc preloaded -0.24 MB/min at a ~25 MB lower level and as
-many answers. The growth is fragmentation: memory the server no longer holds but glibc cannot hand back.
-glibc with a fixed mmap threshold grew +0.38 MB/min; capping its arenas (MALLOC_ARENA_MAX=2) did not help
-(+0.92 MB/min).
+many answers (-0.32 MB/min over 30 minutes on this module's default). The growth is fragmentation: memory the
+server no longer holds but glibc cannot hand back. glibc with a fixed mmap threshold grew +0.38 MB/min;
+capping its arenas (MALLOC_ARENA_MAX=2) did not help (+0.92 MB/min). jemalloc costs ~3% of throughput
+(benchmarks/RESULTS.md, "The server's allocator").
 
 So `stepscore serve` runs on jemalloc where it is installed (`--allocator auto`, the default). A process's
 malloc is bound by the dynamic loader before Python starts, so the server re-executes itself once, at
